@@ -1,0 +1,72 @@
+"""mlflow_fullmodel: pre-processing, forward pass and post-processing saved as one MLflow model.
+
+The data path (``FullModel``, transforms, collation, forward strategies) needs only torch; the
+MLflow flavor functions are imported on first use, so ``import mlflow_fullmodel`` stays light.
+
+Example::
+
+    import mlflow_fullmodel as fm
+    from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
+
+    model = fm.FullModel(
+        preprocess=[SentencePieceEncode(fm.Artifact("spm.model"), max_length=128)],
+        module=torch.jit.script(net),
+        postprocess=[TopK(labels=["neg", "pos"], k=fm.Param(1))],
+    )
+    with mlflow.start_run():
+        fm.log_model(model, name="model", input_example=["What a film!"])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from mlflow_fullmodel.collate import Batch, PadCollate
+from mlflow_fullmodel.exceptions import (
+    CodeCaptureError,
+    ConfigError,
+    DeviceError,
+    FullModelError,
+    InputError,
+    IntegrityError,
+    ModelFormatError,
+    ParamError,
+    ParityError,
+)
+from mlflow_fullmodel.forward import CallModule, ForwardStrategy
+from mlflow_fullmodel.pipeline import FullModel
+from mlflow_fullmodel.transform import Artifact, Param, Transform, transform
+
+_FLAVOR_FUNCTIONS = {"save_model", "log_model", "load_model", "get_default_pip_requirements", "FLAVOR_NAME"}
+
+__all__ = [
+    "Artifact",
+    "Batch",
+    "CallModule",
+    "CodeCaptureError",
+    "ConfigError",
+    "DeviceError",
+    "ForwardStrategy",
+    "FullModel",
+    "FullModelError",
+    "InputError",
+    "IntegrityError",
+    "ModelFormatError",
+    "PadCollate",
+    "Param",
+    "ParamError",
+    "ParityError",
+    "Transform",
+    "transform",
+    *sorted(_FLAVOR_FUNCTIONS),
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FLAVOR_FUNCTIONS:
+        from mlflow_fullmodel import flavor
+
+        return getattr(flavor, name)
+    raise AttributeError(f"module 'mlflow_fullmodel' has no attribute '{name}'")

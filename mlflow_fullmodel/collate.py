@@ -1,0 +1,166 @@
+"""Turning pre-processed examples into batches, and batch outputs back into examples.
+
+An example is a tensor, or a tuple or dict of tensors (nested as deep as needed). Collation keeps
+that structure: 1-D tensors of different lengths are padded into ``(batch, longest)`` and every
+other tensor is stacked, so fixed-size images and variable-length token ids both batch the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlflow_fullmodel.exceptions import InputError
+from mlflow_fullmodel.transform import Configurable
+
+__all__ = ["Batch", "PadCollate", "example_length", "uncollate"]
+
+
+@dataclass
+class Batch:
+    """Collated examples: ``inputs`` has the examples' structure with a leading batch dimension;
+    ``lengths`` holds each example's unpadded length when some tensor was padded, else None."""
+
+    inputs: Any
+    lengths: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        lengths = self.lengths.to(device) if self.lengths is not None else None
+        return Batch(_map_tensors(self.inputs, lambda t: t.to(device)), lengths)
+
+
+class PadCollate(Configurable):
+    """Pad variable-length 1-D tensors to the longest in the batch, stack the rest.
+
+    Args:
+        pad_value: The value written into padded positions (the tokenizer's pad id for token ids).
+        pad_side: "right" to append padding after the tokens, "left" to put it before them.
+
+    Example::
+
+        PadCollate(pad_value=0)([torch.tensor([5, 6, 7]), torch.tensor([8])]).inputs
+        # tensor([[5, 6, 7], [8, 0, 0]])
+    """
+
+    def __init__(self, pad_value: int | float = 0, pad_side: str = "right") -> None:
+        if pad_side not in ("right", "left"):
+            raise ValueError(f"PadCollate: pad_side must be 'right' or 'left', got {pad_side!r}.")
+
+    def __call__(self, examples: Sequence[Any]) -> Batch:
+        lengths: list[torch.Tensor] = []
+        inputs = self._collate(list(examples), "example", lengths)
+        return Batch(inputs, lengths[0] if lengths else None)
+
+    def _collate(self, items: list[Any], where: str, lengths: list[torch.Tensor]) -> Any:
+        first = items[0]
+        if isinstance(first, dict):
+            keys = list(first)
+            for index, item in enumerate(items):
+                if not isinstance(item, dict) or list(item) != keys:
+                    raise InputError(
+                        f"Cannot batch {where}: row {index} has keys {_describe_keys(item)}, "
+                        f"row 0 has {keys}."
+                    )
+            return {k: self._collate([item[k] for item in items], f"{where}[{k!r}]", lengths) for k in keys}
+        if isinstance(first, (tuple, list)) and not _is_number_list(first):
+            for index, item in enumerate(items):
+                if not isinstance(item, (tuple, list)) or len(item) != len(first):
+                    raise InputError(
+                        f"Cannot batch {where}: row {index} is not a sequence of {len(first)} items."
+                    )
+            return tuple(
+                self._collate([item[i] for item in items], f"{where}[{i}]", lengths)
+                for i in range(len(first))
+            )
+        tensors = [_as_tensor(item, where, index) for index, item in enumerate(items)]
+        return self._pad_or_stack(tensors, where, lengths)
+
+    def _pad_or_stack(
+        self, tensors: list[torch.Tensor], where: str, lengths: list[torch.Tensor]
+    ) -> torch.Tensor:
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) == 1:
+            if tensors[0].dim() == 1 and not lengths:
+                lengths.append(torch.full((len(tensors),), tensors[0].shape[0], dtype=torch.long))
+            return torch.stack(tensors)
+        if any(t.dim() != 1 for t in tensors):
+            raise InputError(
+                f"Cannot batch {where}: tensors of shapes {sorted(shapes)} differ and only 1-D "
+                "tensors are padded. Resize or crop them to one shape in pre-processing."
+            )
+        sizes = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
+        out = tensors[0].new_full((len(tensors), int(sizes.max())), self.pad_value)
+        for row, t in enumerate(tensors):
+            if self.pad_side == "right":
+                out[row, : t.shape[0]] = t
+            else:
+                out[row, out.shape[1] - t.shape[0] :] = t
+        if not lengths:
+            lengths.append(sizes)
+        return out
+
+
+def _is_number_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
+
+
+def _describe_keys(item: Any) -> Any:
+    return list(item) if isinstance(item, dict) else type(item).__name__
+
+
+def _as_tensor(item: Any, where: str, index: int) -> torch.Tensor:
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, np.ndarray) or _is_number_list(item) or isinstance(item, (int, float)):
+        return torch.as_tensor(item)
+    raise InputError(
+        f"Cannot batch {where} of row {index}: pre-processing must end in tensors, got "
+        f"{type(item).__name__}."
+    )
+
+
+def _map_tensors(value: Any, fn: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+def example_length(example: Any) -> int:
+    """The size used to group examples of similar length: the element count of the first tensor."""
+    if isinstance(example, dict):
+        example = next(iter(example.values()), None)
+    elif isinstance(example, (tuple, list)) and example and not _is_number_list(example):
+        example = example[0]
+    if isinstance(example, (dict, tuple)):
+        return example_length(example)
+    if isinstance(example, (torch.Tensor, np.ndarray)):
+        return int(example.shape[0]) if example.ndim else 1
+    if isinstance(example, list):
+        return len(example)
+    return 1
+
+
+def uncollate(outputs: Any, size: int) -> list[Any]:
+    """Split batch outputs (a tensor, or a tuple/list/dict of tensors) into ``size`` examples."""
+    if isinstance(outputs, torch.Tensor):
+        if outputs.dim() == 0 or outputs.shape[0] != size:
+            raise ValueError(
+                f"The module returned a tensor of shape {tuple(outputs.shape)}; its first dimension "
+                f"must be the batch size {size}."
+            )
+        return list(outputs.unbind(0))
+    if isinstance(outputs, dict):
+        columns = {k: uncollate(v, size) for k, v in outputs.items()}
+        return [{k: columns[k][i] for k in columns} for i in range(size)]
+    if isinstance(outputs, (tuple, list)):
+        columns_seq = [uncollate(v, size) for v in outputs]
+        return [tuple(column[i] for column in columns_seq) for i in range(size)]
+    raise TypeError(f"Cannot split a module output of type {type(outputs).__name__} into examples.")

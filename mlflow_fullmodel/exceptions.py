@@ -1,0 +1,43 @@
+"""Exceptions raised by mlflow_fullmodel.
+
+Every message names the object at fault (stage, argument, row, column, parameter or file),
+what was received and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class FullModelError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(FullModelError, ValueError):
+    """A transform, strategy or FullModel was configured in a way that cannot work or be saved."""
+
+
+class ParamError(FullModelError, ValueError):
+    """A runtime parameter passed to ``predict`` is unknown or has an invalid value."""
+
+
+class InputError(FullModelError, ValueError):
+    """The data passed to ``predict`` is malformed: a missing column or a row a stage rejected."""
+
+
+class CodeCaptureError(FullModelError):
+    """The source code of a stage could not be captured into the saved model."""
+
+
+class ModelFormatError(FullModelError):
+    """A saved model folder is unreadable, incomplete or was written by an incompatible version."""
+
+
+class IntegrityError(ModelFormatError):
+    """A file of a saved model is missing, was changed, or was added after saving."""
+
+
+class ParityError(FullModelError):
+    """A reloaded model did not reproduce the outputs recorded when it was saved."""
+
+
+class DeviceError(FullModelError):
+    """The requested torch device is not available on this machine."""

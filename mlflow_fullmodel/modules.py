@@ -1,0 +1,155 @@
+"""The forward pass: TorchScript modules and ``torch.export`` programs behind one interface.
+
+TorchScript (``torch.jit.script`` / ``torch.jit.trace``) is the primary format; an
+``ExportedProgram`` from ``torch.export`` is its successor in current PyTorch. A ``ModuleSet`` holds
+one or several named modules; a forward strategy reaches them by name (``modules["encode"]``) or,
+for TorchScript, by method (``modules.main.encode``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from mlflow_fullmodel.exceptions import ConfigError, DeviceError
+
+__all__ = ["MAIN", "ModuleSet", "load_module", "quiet_torch_jit", "resolve_device", "save_module"]
+
+#: The name of the module when a FullModel is given a single one.
+MAIN = "main"
+
+TORCHSCRIPT = "torchscript"
+TORCH_EXPORT = "torch.export"
+_SUFFIXES = {TORCHSCRIPT: ".pt", TORCH_EXPORT: ".pt2"}
+
+
+@contextmanager
+def quiet_torch_jit() -> Iterator[None]:
+    """Silence torch's DeprecationWarnings for ``torch.jit`` inside our own save and load calls.
+
+    TorchScript is still the saved format; the warning is aimed at code that creates TorchScript,
+    not at a model loading an archive, and it would repeat in every scoring-server log.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        yield
+
+
+def module_format(module: Any) -> str:
+    if isinstance(module, torch.jit.ScriptModule):
+        return TORCHSCRIPT
+    if isinstance(module, torch.export.ExportedProgram):
+        return TORCH_EXPORT
+    raise ConfigError(
+        f"A module must be TorchScript (torch.jit.script or torch.jit.trace) or a torch.export "
+        f"ExportedProgram, got {type(module).__name__}. A plain nn.Module carries Python code that "
+        "cannot travel without pickle: script, trace or export it first."
+    )
+
+
+def argument_names(module: Any) -> list[str]:
+    """The names of the forward arguments, used to pass ``lengths`` only to modules that take it."""
+    if isinstance(module, torch.export.ExportedProgram):
+        return [spec.arg.name for spec in module.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+    try:
+        return [a.name for a in module.forward.schema.arguments][1:]  # drop self
+    except (AttributeError, RuntimeError):
+        return []
+
+
+class ModuleSet(Mapping[str, Any]):
+    """Named modules, each as given (TorchScript or ExportedProgram), callable on a device."""
+
+    def __init__(self, modules: Mapping[str, Any]) -> None:
+        if not modules:
+            raise ConfigError("A FullModel needs at least one module.")
+        self._modules = dict(modules)
+        self.formats = {name: module_format(m) for name, m in self._modules.items()}
+        self._runnable: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, module: Any) -> ModuleSet:
+        if isinstance(module, ModuleSet):
+            return module
+        if isinstance(module, Mapping):
+            return cls(module)
+        return cls({MAIN: module})
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._modules[name]
+        except KeyError:
+            raise ConfigError(f"No module named '{name}'; the modules are {list(self._modules)}.") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def arguments(self, name: str) -> list[str]:
+        return argument_names(self[name])
+
+    def runnable(self, name: str, device: torch.device) -> Callable[..., Any]:
+        """The module as a callable with its weights on ``device`` (built once per device)."""
+        key = (name, str(device))
+        if key not in self._runnable:
+            with self._lock:
+                if key not in self._runnable:
+                    module = self[name]
+                    if isinstance(module, torch.export.ExportedProgram):
+                        module = module.module()
+                    self._runnable[key] = module.to(device).eval()
+        return self._runnable[key]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Parse ``device`` and check it exists here, with a message saying what is available."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise DeviceError(f"Invalid device {device!r}: {error}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"Device {device!r} was requested but CUDA is not available on this machine "
+                f"(torch {torch.__version__}). Use device='cpu', or install a CUDA build of torch."
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"Device {device!r} was requested but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist."
+            )
+    elif resolved.type != "cpu":
+        raise DeviceError(f"Device {device!r} is not supported; use 'cpu' or 'cuda[:index]'.")
+    return resolved
+
+
+def save_module(module: Any, folder: str, name: str) -> tuple[str, str]:
+    """Write ``module`` into ``folder``; return its file name and format."""
+    kind = module_format(module)
+    filename = name + _SUFFIXES[kind]
+    path = os.path.join(folder, filename)
+    if kind == TORCHSCRIPT:
+        with quiet_torch_jit():
+            torch.jit.save(module, path)
+    else:
+        torch.export.save(module, path)
+    return filename, kind
+
+
+def load_module(path: str, kind: str) -> Any:
+    if kind == TORCHSCRIPT:
+        with quiet_torch_jit():
+            return torch.jit.load(path, map_location="cpu")
+    if kind == TORCH_EXPORT:
+        return torch.export.load(path)
+    raise ConfigError(f"Unknown module format {kind!r} for {os.path.basename(path)}.")

@@ -1,0 +1,322 @@
+"""``FullModel``: pre-processing, the forward pass and post-processing as one object.
+
+The same object answers ``predict`` in the training process and after loading, so there is no
+second copy of the processing code to keep in sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mlflow_fullmodel.collate import Batch, PadCollate, example_length, uncollate
+from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ParamError
+from mlflow_fullmodel.forward import CallModule, ForwardStrategy
+from mlflow_fullmodel.modules import ModuleSet, resolve_device
+from mlflow_fullmodel.transform import Configurable, Param, Transform
+
+__all__ = ["FullModel"]
+
+#: Output column used when post-processing returns a single value instead of a dict.
+PREDICTION_COLUMN = "prediction"
+
+
+class FullModel:
+    """A deployable model: pre-processing, module(s), forward strategy and post-processing.
+
+    ``predict`` runs the data path: each raw row is pre-processed on its own, rows of similar
+    length are collated into batches, each batch runs through the forward strategy under
+    ``torch.inference_mode``, the outputs are split back into rows in input order, and each row is
+    post-processed into named output columns.
+
+    Args:
+        preprocess: Transforms applied in order to each raw input (one column's value, or a dict of
+            the columns when ``input_columns`` names several).
+        module: A TorchScript module or a ``torch.export`` program, or a dict of them by name.
+        postprocess: Transforms applied in order to each row's outputs; the last returns a dict of
+            output columns (or one value, put in the column ``"prediction"``).
+        forward: How a batch meets the module(s); default ``CallModule()``.
+        collate: How examples become a batch; default ``PadCollate()``.
+        input_columns: The names of the raw input columns, as in the model signature.
+        batch_size: The most examples in one forward batch.
+        device: Where the forward pass runs: ``"cpu"`` or ``"cuda[:index]"``.
+
+    Example::
+
+        model = FullModel(
+            preprocess=[SentencePieceEncode(Artifact("spm.model"), max_length=128)],
+            module=torch.jit.script(net),
+            postprocess=[TopK(labels=["neg", "pos"], k=Param(1))],
+        )
+        model.predict(["What a film!"], params={"k": 2})
+    """
+
+    def __init__(
+        self,
+        preprocess: Sequence[Transform | type[Transform]],
+        module: Any,
+        postprocess: Sequence[Transform | type[Transform]] = (),
+        *,
+        forward: ForwardStrategy | None = None,
+        collate: Configurable | None = None,
+        input_columns: Sequence[str] = ("text",),
+        batch_size: int = 32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.preprocess_steps = [_instantiate(step, "preprocess", i) for i, step in enumerate(preprocess)]
+        self.postprocess_steps = [_instantiate(step, "postprocess", i) for i, step in enumerate(postprocess)]
+        self.modules = ModuleSet.of(module)
+        self.forward_strategy = forward if forward is not None else CallModule()
+        self.collate_fn = collate if collate is not None else PadCollate()
+        if isinstance(input_columns, str) or not input_columns:
+            raise ConfigError(f"input_columns must be a non-empty list of names, got {input_columns!r}.")
+        self.input_columns = list(input_columns)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}.")
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self._param_owner = self._collect_params()
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def steps(self) -> list[tuple[str, Configurable]]:
+        """Every configured step with a label naming its place, e.g. ``"preprocess[1]"``."""
+        return (
+            [(f"preprocess[{i}]", s) for i, s in enumerate(self.preprocess_steps)]
+            + [("collate", self.collate_fn), ("forward", self.forward_strategy)]
+            + [(f"postprocess[{i}]", s) for i, s in enumerate(self.postprocess_steps)]
+        )
+
+    def _collect_params(self) -> dict[str, tuple[str, Param]]:
+        owners: dict[str, tuple[str, Param]] = {}
+        for label, step in self.steps():
+            for name, param in step.params().items():
+                if name in owners:
+                    raise ConfigError(
+                        f"Runtime parameter '{name}' is declared by both {owners[name][0]} and "
+                        f"{label} ({type(step).__name__}); parameter names must be unique. Rename "
+                        "the argument in one of the steps."
+                    )
+                owners[name] = (label, param)
+        return owners
+
+    @property
+    def params(self) -> dict[str, Param]:
+        """The runtime parameters, by name, with their saved defaults."""
+        return {name: param for name, (_, param) in self._param_owner.items()}
+
+    def resolve_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Validate call-time ``params`` and merge them over the saved defaults into a new dict."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self._param_owner))
+        if unknown:
+            raise ParamError(
+                f"Unknown parameter(s) {unknown}. Valid parameters are: {sorted(self._param_owner)}."
+            )
+        return {
+            name: param.validate(name, params[name]) if name in params else param.default
+            for name, (_, param) in self._param_owner.items()
+        }
+
+    def to(self, device: str | torch.device) -> FullModel:
+        """A copy of this model that runs its forward pass on ``device``."""
+        return FullModel(
+            self.preprocess_steps,
+            self.modules,
+            self.postprocess_steps,
+            forward=self.forward_strategy,
+            collate=self.collate_fn,
+            input_columns=self.input_columns,
+            batch_size=self.batch_size,
+            device=device,
+        )
+
+    def __repr__(self) -> str:
+        def listing(steps: list[Configurable]) -> str:
+            return "[" + ", ".join(repr(s) for s in steps) + "]"
+
+        modules = ", ".join(f"{n}: {f}" for n, f in self.modules.formats.items())
+        return (
+            f"FullModel(preprocess={listing(self.preprocess_steps)}, modules={{{modules}}}, "
+            f"forward={self.forward_strategy!r}, collate={self.collate_fn!r}, "
+            f"postprocess={listing(self.postprocess_steps)}, input_columns={self.input_columns}, "
+            f"batch_size={self.batch_size}, device='{self.device}')"
+        )
+
+    # -- the data path ---------------------------------------------------------------------------
+
+    def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """Turn raw rows into answer rows.
+
+        Args:
+            data: A DataFrame with the input columns, a list of raw values (one input column), a
+                list of dicts, or a dict of columns.
+            params: Runtime parameter values for this call; unset ones keep their saved defaults.
+
+        Returns:
+            A DataFrame with one row per input row, in input order, and the post-processing
+            outputs as columns.
+
+        Raises:
+            InputError: A column is missing or a row was rejected; the message names the row.
+            ParamError: A parameter is unknown or its value invalid; the message names it.
+        """
+        rows = self.rows(data)
+        values = self.resolve_params(params)
+        examples = self.preprocess(rows, values)
+        outputs: list[Any] = [None] * len(examples)
+        for indices in self.plan_batches(examples):
+            batch = self.collate([examples[i] for i in indices])
+            batch_outputs = self.forward(batch, values)
+            for i, output in zip(indices, uncollate(batch_outputs, len(indices))):
+                outputs[i] = output
+        answers = self.postprocess(outputs, values)
+        return _to_frame(answers)
+
+    def rows(self, data: Any) -> list[Any]:
+        """The raw inputs of ``data``, one per row: a value, or a dict when there are several
+        input columns."""
+        records = _records(data, self.input_columns)
+        for index, record in enumerate(records):
+            for column in self.input_columns:
+                if column not in record:
+                    raise InputError(
+                        f"Row {index} has no column '{column}'; the model expects columns "
+                        f"{self.input_columns}, got {sorted(record)}."
+                    )
+                if _is_missing(record[column]):
+                    raise InputError(f"Row {index}, column '{column}': value is missing (null).")
+        if len(self.input_columns) == 1:
+            return [record[self.input_columns[0]] for record in records]
+        return [{c: record[c] for c in self.input_columns} for record in records]
+
+    def preprocess(self, rows: Sequence[Any], params: Mapping[str, Any]) -> list[Any]:
+        return [_apply(self.preprocess_steps, "preprocess", row, index, params) for index, row in enumerate(rows)]
+
+    def plan_batches(self, examples: Sequence[Any]) -> list[list[int]]:
+        """Row indices grouped into batches of similar length, so little of a batch is padding."""
+        order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
+        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+
+    def collate(self, examples: Sequence[Any]) -> Batch:
+        return self.collate_fn(examples)
+
+    def forward(self, batch: Batch, params: Mapping[str, Any]) -> Any:
+        """Run the forward strategy on ``batch`` on the model's device; outputs come back on CPU."""
+        with torch.inference_mode():
+            outputs = self.forward_strategy(
+                self.modules, batch.to(self.device), self.device, **_own(self.forward_strategy, params)
+            )
+        return _to_cpu(outputs)
+
+    def postprocess(self, outputs: Sequence[Any], params: Mapping[str, Any]) -> list[Any]:
+        return [_apply(self.postprocess_steps, "postprocess", out, index, params) for index, out in enumerate(outputs)]
+
+
+def _instantiate(step: Any, stage: str, index: int) -> Transform:
+    if isinstance(step, type) and issubclass(step, Transform):
+        step = step()
+    if not isinstance(step, Transform):
+        raise ConfigError(
+            f"{stage}[{index}] must be a Transform (a subclass instance or an @transform function), "
+            f"got {type(step).__name__}."
+        )
+    return step
+
+
+def _own(step: Configurable, params: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: params[name] for name in step.params()}
+
+
+def _apply(steps: Sequence[Transform], stage: str, value: Any, row: int, params: Mapping[str, Any]) -> Any:
+    for index, step in enumerate(steps):
+        try:
+            value = step(value, **_own(step, params))
+        except FullModelError as error:
+            raise type(error)(f"Row {row}: {stage}[{index}] {type(step).__name__}: {error}") from error
+        except Exception as error:
+            raise InputError(
+                f"Row {row}: {stage}[{index}] {type(step).__name__} failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    return value
+
+
+def _records(data: Any, columns: list[str]) -> list[dict[str, Any]]:
+    if isinstance(data, pd.DataFrame):
+        if len(columns) == 1 and columns[0] not in data.columns and len(data.columns) == 1:
+            # An unnamed single column, e.g. a list of strings passed through a pandas conversion.
+            data = data.set_axis(columns, axis=1)
+        return data.to_dict(orient="records")
+    if isinstance(data, pd.Series):
+        return [{columns[0]: v} for v in data.tolist()] if len(columns) == 1 else data.tolist()
+    if isinstance(data, np.ndarray):
+        data = data.tolist()
+    if isinstance(data, (str, bytes)):
+        data = [data]
+    if isinstance(data, Mapping):
+        if all(isinstance(v, (list, tuple, np.ndarray, pd.Series)) for v in data.values()):
+            return pd.DataFrame({k: list(v) for k, v in data.items()}).to_dict(orient="records")
+        data = [data]
+    if not isinstance(data, (list, tuple)):
+        raise InputError(
+            f"predict takes a DataFrame, a list of rows or a dict of columns, got {type(data).__name__}."
+        )
+    records = []
+    for index, item in enumerate(data):
+        if isinstance(item, Mapping):
+            records.append(dict(item))
+        elif len(columns) == 1:
+            records.append({columns[0]: item})
+        else:
+            raise InputError(
+                f"Row {index} is a {type(item).__name__}; with several input columns {columns} each "
+                "row must be a dict of them."
+            )
+    return records
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and numpy values as Python values, so answers serialise to JSON as they are."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _to_frame(answers: list[Any]) -> pd.DataFrame:
+    rows = [a if isinstance(a, dict) else {PREDICTION_COLUMN: a} for a in answers]
+    if rows:
+        columns = list(rows[0])
+        for index, row in enumerate(rows):
+            if list(row) != columns:
+                raise ConfigError(
+                    f"Post-processing returned columns {list(row)} for row {index} but {columns} for "
+                    "row 0; every row must have the same output columns."
+                )
+    frame = pd.DataFrame({c: [_plain(r[c]) for r in rows] for c in (list(rows[0]) if rows else [])})
+    return frame
