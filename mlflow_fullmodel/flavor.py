@@ -1,0 +1,404 @@
+"""The ``fullmodel`` MLflow flavor: ``save_model``, ``log_model``, ``load_model`` and the pyfunc
+loader, in the shape of MLflow's own flavors.
+
+An MLflow model written here holds, beside MLflow's own files::
+
+    fullmodel/               the saved FullModel (spec, modules, artifacts, captured code, golden)
+    code/mlflow_fullmodel/   this runtime, so the model loads where mlflow_fullmodel is not installed
+
+Example::
+
+    import mlflow
+    import mlflow_fullmodel as fm
+
+    with mlflow.start_run():
+        info = fm.log_model(model, name="model", input_example=["What a film!"],
+                            registered_model_name="reviews")
+    fm.load_model(info.model_uri).predict(["What a film!"])
+    mlflow.pyfunc.load_model("models:/reviews/1").predict(pd.DataFrame({"text": ["Dull."]}))
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+from mlflow import pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelInputExample, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.models.utils import _save_example
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.utils import _infer_schema
+from mlflow.utils.environment import (
+    _CONDA_ENV_FILE_NAME,
+    _CONSTRAINTS_FILE_NAME,
+    _PYTHON_ENV_FILE_NAME,
+    _REQUIREMENTS_FILE_NAME,
+    _process_conda_env,
+    _process_pip_requirements,
+    _PythonEnv,
+    _validate_env_arguments,
+)
+from mlflow.utils.file_utils import write_to
+from mlflow.utils.model_utils import (
+    _get_flavor_configuration,
+    _validate_and_copy_code_paths,
+    _validate_and_prepare_target_save_path,
+)
+
+import mlflow_fullmodel
+from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ParamError
+from mlflow_fullmodel.parity import check_parity, preprocess_digests
+from mlflow_fullmodel.pipeline import FullModel
+from mlflow_fullmodel.storage import FORMAT_VERSION, load_fullmodel, make_golden, save_fullmodel
+
+__all__ = ["FLAVOR_NAME", "get_default_pip_requirements", "load_model", "log_model", "save_model"]
+
+_logger = logging.getLogger(__name__)
+
+FLAVOR_NAME = "fullmodel"
+_DATA_SUBPATH = "fullmodel"
+_CODE_SUBPATH = "code"
+_DEVICE_ENV = "MLFLOW_FULLMODEL_DEVICE"
+
+_SCHEMA_TYPES = {str: "string", bytes: "binary", bool: "boolean", int: "long", float: "double"}
+
+
+def _pinned(distribution: str) -> str:
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return distribution
+    # Local labels such as torch's "+cpu" are not installable from PyPI.
+    return f"{distribution}=={version.split('+')[0]}"
+
+
+def get_default_pip_requirements() -> list[str]:
+    """The pip requirements every fullmodel model has: MLflow, torch, numpy and pandas, pinned to
+    the installed versions. Step requirements (sentencepiece, ...) are added per model."""
+    return [_pinned(name) for name in ("mlflow", "torch", "numpy", "pandas")]
+
+
+def save_model(
+    fullmodel: FullModel,
+    path: str,
+    conda_env: dict[str, Any] | str | None = None,
+    code_paths: list[str] | None = None,
+    mlflow_model: Model | None = None,
+    signature: ModelSignature | bool | None = None,
+    input_example: ModelInputExample | None = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    metadata: dict[str, Any] | None = None,
+    check_parity: bool = True,
+) -> None:
+    """Save a FullModel as an MLflow model in the local folder ``path``.
+
+    Args:
+        fullmodel: The FullModel to save.
+        path: A missing or empty local folder.
+        conda_env: A conda environment (dict or YAML file) replacing the generated one.
+        code_paths: Extra local files or folders to copy into the model's ``code`` folder. The
+            processing code of the steps is captured without this.
+        mlflow_model: The ``mlflow.models.Model`` this flavor is added to (used by ``log_model``).
+        signature: The model signature; inferred from ``input_example`` when None (inputs, outputs
+            and the runtime parameters with their defaults); False for none.
+        input_example: Example rows (a list of raw values, a list of dicts or a DataFrame), or a
+            ``(rows, params)`` tuple. Saved as MLflow's input example and as the golden example.
+        pip_requirements: Requirements replacing the generated ones.
+        extra_pip_requirements: Requirements added to the generated ones.
+        metadata: Custom metadata written into the MLmodel file.
+        check_parity: Reload the saved model in a clean Python process and require it to
+            reproduce the input example's outputs. It needs ``input_example``.
+
+    Raises:
+        ConfigError: A step's configuration cannot be saved, or ``input_example`` is missing.
+        CodeCaptureError: A step's source code cannot be captured.
+        ParityError: The reloaded model does not reproduce the outputs.
+
+    Example::
+
+        fm.save_model(model, "reviews_model", input_example=["What a film!", "Dull."])
+    """
+    _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+    if not isinstance(fullmodel, FullModel):
+        raise TypeError(f"save_model expects a FullModel, got {type(fullmodel).__name__}.")
+    rows, example_params = _split_example(fullmodel, input_example)
+    if check_parity and rows is None:
+        raise ConfigError(
+            "The parity check needs an input_example to compare the saved model against; pass "
+            "input_example=[...] (a few raw inputs), or check_parity=False to skip the check."
+        )
+    golden = make_golden(fullmodel, rows, example_params) if rows is not None else None
+
+    _validate_and_prepare_target_save_path(path)
+    try:
+        _write_model(
+            fullmodel, path, golden, conda_env, code_paths, mlflow_model, signature,
+            pip_requirements, extra_pip_requirements, metadata,
+        )
+        if check_parity:
+            check_parity_of(path, preprocess_digests(fullmodel, rows))
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _write_model(
+    fullmodel: FullModel,
+    path: str,
+    golden: Any,
+    conda_env: Any,
+    code_paths: list[str] | None,
+    mlflow_model: Model | None,
+    signature: ModelSignature | bool | None,
+    pip_requirements: Any,
+    extra_pip_requirements: Any,
+    metadata: dict[str, Any] | None,
+) -> None:
+    spec = save_fullmodel(fullmodel, os.path.join(path, _DATA_SUBPATH), golden)
+    _validate_and_copy_code_paths(code_paths, path)
+    _embed_runtime(os.path.join(path, _CODE_SUBPATH))
+
+    mlflow_model = mlflow_model if mlflow_model is not None else Model()
+    if golden is not None:
+        example = pd.DataFrame(_records(fullmodel, golden.inputs))
+        _save_example(mlflow_model, (example, golden.params) if golden.params else example, path)
+    if signature is None and golden is not None:
+        signature = _infer_signature(fullmodel, golden)
+    if signature:
+        if signature.params is None and fullmodel.params:
+            signature = ModelSignature(signature.inputs, signature.outputs, _param_schema(fullmodel))
+        mlflow_model.signature = signature
+    if metadata is not None:
+        mlflow_model.metadata = metadata
+
+    pyfunc.add_to_model(
+        mlflow_model,
+        loader_module=__name__,
+        data=_DATA_SUBPATH,
+        code=_CODE_SUBPATH,
+        conda_env=_CONDA_ENV_FILE_NAME,
+        python_env=_PYTHON_ENV_FILE_NAME,
+    )
+    mlflow_model.add_flavor(
+        FLAVOR_NAME,
+        data=_DATA_SUBPATH,
+        code=_CODE_SUBPATH,
+        format_version=FORMAT_VERSION,
+        mlflow_fullmodel_version=mlflow_fullmodel.__version__,
+        modules={name: entry["format"] for name, entry in spec["modules"].items()},
+    )
+    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
+
+    if conda_env is None:
+        defaults = None
+        if pip_requirements is None:
+            step_requirements = [r if "==" in r else _pinned(r) for r in spec["requirements"]]
+            defaults = sorted(set(get_default_pip_requirements()) | set(step_requirements))
+        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
+            defaults, pip_requirements, extra_pip_requirements
+        )
+    else:
+        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
+    with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if pip_constraints:
+        write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
+    write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
+    _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+
+
+def check_parity_of(model_path: str, digests: list[list[str]] | None = None) -> None:
+    """Run the parity check on the local MLflow model at ``model_path`` with its embedded runtime.
+
+    Raises:
+        ParityError: The model, loaded in a clean process, does not reproduce its golden example.
+    """
+    flavor = _get_flavor_configuration(model_path, FLAVOR_NAME)
+    check_parity(
+        os.path.join(model_path, flavor["data"]),
+        runtime_dir=os.path.join(model_path, flavor["code"]),
+        digests=digests,
+    )
+
+
+def _embed_runtime(code_dir: str) -> None:
+    source = os.path.dirname(os.path.abspath(mlflow_fullmodel.__file__))
+    shutil.copytree(
+        source,
+        os.path.join(code_dir, "mlflow_fullmodel"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "cli.py"),
+    )
+
+
+def _split_example(fullmodel: FullModel, input_example: Any) -> tuple[list[Any] | None, dict[str, Any]]:
+    if input_example is None:
+        return None, {}
+    params: dict[str, Any] = {}
+    if isinstance(input_example, tuple) and len(input_example) == 2 and isinstance(input_example[1], Mapping):
+        input_example, params = input_example[0], dict(input_example[1])
+    rows = fullmodel.rows(input_example)
+    if not rows:
+        raise ConfigError("input_example has no rows; give at least one raw input.")
+    return rows, params
+
+
+def _records(fullmodel: FullModel, rows: list[Any]) -> list[dict[str, Any]]:
+    if len(fullmodel.input_columns) == 1:
+        return [{fullmodel.input_columns[0]: row} for row in rows]
+    return list(rows)
+
+
+def _infer_signature(fullmodel: FullModel, golden: Any) -> ModelSignature:
+    records = _records(fullmodel, golden.inputs)
+    columns = []
+    for column in fullmodel.input_columns:
+        kind = type(records[0][column])
+        if kind not in _SCHEMA_TYPES:
+            raise ConfigError(
+                f"input_example column '{column}' holds {kind.__name__} values; raw inputs must be "
+                f"one of {[t.__name__ for t in _SCHEMA_TYPES]}, or pass signature= explicitly."
+            )
+        columns.append(ColSpec(_SCHEMA_TYPES[kind], column))
+    params = _param_schema(fullmodel) if fullmodel.params else None
+    return ModelSignature(Schema(columns), _infer_schema(golden.outputs), params)
+
+
+def _param_schema(fullmodel: FullModel) -> ParamSchema:
+    return ParamSchema(
+        [ParamSpec(name, _SCHEMA_TYPES[param.type], param.default) for name, param in fullmodel.params.items()]
+    )
+
+
+def log_model(
+    fullmodel: FullModel,
+    artifact_path: str | None = None,
+    conda_env: dict[str, Any] | str | None = None,
+    code_paths: list[str] | None = None,
+    registered_model_name: str | None = None,
+    signature: ModelSignature | bool | None = None,
+    input_example: ModelInputExample | None = None,
+    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    metadata: dict[str, Any] | None = None,
+    check_parity: bool = True,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    model_type: str | None = None,
+    step: int = 0,
+    model_id: str | None = None,
+    name: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Log a FullModel to the current MLflow run (or as a logged model) and optionally register it.
+
+    Args:
+        fullmodel: The FullModel to log.
+        artifact_path: Deprecated by MLflow; use ``name``.
+        conda_env, code_paths, signature, input_example, pip_requirements,
+        extra_pip_requirements, metadata, check_parity: As for ``save_model``.
+        registered_model_name: Register the model under this name (created if missing).
+        await_registration_for: Seconds to wait for the model version to become ready.
+        params, tags, model_type, step, model_id: Passed to ``mlflow.models.Model.log``.
+        name: The model's name in the run.
+
+    Returns:
+        MLflow's ``ModelInfo`` for the logged model (``model_uri``, ``signature``, ...).
+
+    Example::
+
+        with mlflow.start_run():
+            info = fm.log_model(model, name="model", input_example=["What a film!"],
+                                registered_model_name="reviews")
+        loaded = mlflow.pyfunc.load_model(info.model_uri)
+    """
+    return Model.log(
+        artifact_path=artifact_path,
+        name=name,
+        flavor=sys.modules[__name__],
+        fullmodel=fullmodel,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        registered_model_name=registered_model_name,
+        signature=signature,
+        input_example=input_example,
+        await_registration_for=await_registration_for,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        metadata=metadata,
+        check_parity=check_parity,
+        params=params,
+        tags=tags,
+        model_type=model_type,
+        step=step,
+        model_id=model_id,
+        **kwargs,
+    )
+
+
+def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu") -> FullModel:
+    """Load a fullmodel MLflow model as a ``FullModel``.
+
+    Args:
+        model_uri: ``runs:/<run_id>/<name>``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``,
+            ``models:/<model_id>`` or a local path.
+        dst_path: A local folder to download the model into; a temporary one by default.
+        device: Where the forward pass runs: ``"cpu"`` or ``"cuda[:index]"``.
+
+    Raises:
+        IntegrityError: A file of the model was changed, removed or added since it was saved.
+
+    Example::
+
+        model = fm.load_model("models:/reviews@champion")
+        model.predict(["What a film!"], params={"k": 2})
+    """
+    local_path = _download_artifact_from_uri(model_uri, output_path=dst_path)
+    flavor = _get_flavor_configuration(local_path, FLAVOR_NAME)
+    return load_fullmodel(os.path.join(local_path, flavor["data"]), device=device)
+
+
+class _FullModelWrapper:
+    """The pyfunc face of a FullModel: bad requests become HTTP 400 with a message, not a trace."""
+
+    def __init__(self, fullmodel: FullModel) -> None:
+        self.fullmodel = fullmodel
+
+    def get_raw_model(self) -> FullModel:
+        return self.fullmodel
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        try:
+            return self.fullmodel.predict(data, params=params)
+        except (InputError, ParamError) as error:
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+
+
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _FullModelWrapper:
+    """Called by ``mlflow.pyfunc.load_model``; ``model_config={"device": "cuda"}`` picks the device
+    (default: the ``MLFLOW_FULLMODEL_DEVICE`` environment variable, else ``"cpu"``)."""
+    config = dict(model_config or {})
+    device = config.pop("device", os.environ.get(_DEVICE_ENV, "cpu"))
+    if config:
+        raise MlflowException(
+            f"Unknown model_config key(s) {sorted(config)} for a fullmodel model; valid keys: ['device'].",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    try:
+        return _FullModelWrapper(load_fullmodel(path, device=device))
+    except FullModelError as error:
+        raise MlflowException(str(error)) from error

@@ -1,0 +1,197 @@
+"""The parity check: a saved model, loaded in a fresh Python process, must reproduce its golden
+example.
+
+The fresh process runs with ``python -I`` (no working directory, no PYTHONPATH, no user site on the
+import path) from an empty directory, and imports mlflow_fullmodel only from the runtime embedded in
+the model, so a transform that still depends on the training project, a missing artifact or a
+non-deterministic step shows up at save time instead of in production.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from mlflow_fullmodel.exceptions import ParityError
+from mlflow_fullmodel.pipeline import FullModel
+from mlflow_fullmodel.storage import load_fullmodel, read_golden
+
+__all__ = ["check_parity", "compare_outputs", "preprocess_digests"]
+
+_logger = logging.getLogger(__name__)
+
+REL_TOL = 1e-5
+ABS_TOL = 1e-6
+
+# Runs in the child process: only the standard library may be imported before the runtime path is
+# fixed, and the installed mlflow_fullmodel (if any) must not be the one found.
+_CHILD = r"""
+import importlib.machinery, json, sys
+runtime, folder, expected = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+
+class _EmbeddedRuntimeOnly:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlflow_fullmodel":
+            spec = importlib.machinery.PathFinder.find_spec(name, [runtime])
+            if spec is None:
+                raise ModuleNotFoundError("mlflow_fullmodel is not embedded in " + runtime)
+            return spec
+        return None
+
+sys.meta_path.insert(0, _EmbeddedRuntimeOnly())
+sys.dont_write_bytecode = True
+try:
+    from mlflow_fullmodel.parity import _child_report
+    report = _child_report(folder, expected)
+except BaseException as error:
+    report = {"error": type(error).__name__ + ": " + str(error)}
+print("\n@@parity@@" + json.dumps(report))
+"""
+
+
+def preprocess_digests(model: FullModel, inputs: Sequence[Any]) -> list[list[str]]:
+    """For each input row, a digest of the output of each pre-processing step."""
+    digests = []
+    for value in model.rows(inputs):
+        row = []
+        for step in model.preprocess_steps:
+            value = step(value, **{n: p.default for n, p in step.params().items()})
+            row.append(_digest(value))
+        digests.append(row)
+    return digests
+
+
+def _digest(value: Any) -> str:
+    digest = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            digest.update(str((v.dtype, tuple(v.shape))).encode())
+            digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(v, dict):
+            for k in v:
+                digest.update(repr(k).encode())
+                feed(v[k])
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                feed(item)
+        else:
+            digest.update(repr(v).encode())
+
+    feed(value)
+    return digest.hexdigest()[:16]
+
+
+def compare_outputs(expected: pd.DataFrame, actual: pd.DataFrame) -> list[str]:
+    """Differences between two prediction frames: exact for strings and integers, ``REL_TOL`` /
+    ``ABS_TOL`` for floats. An empty list means they agree."""
+    if list(expected.columns) != list(actual.columns):
+        return [f"output columns differ: expected {list(expected.columns)}, got {list(actual.columns)}"]
+    if len(expected) != len(actual):
+        return [f"expected {len(expected)} rows, got {len(actual)}"]
+    problems = []
+    for column in expected.columns:
+        for row, (want, got) in enumerate(zip(expected[column].tolist(), actual[column].tolist())):
+            if not _close(want, got):
+                problems.append(f"row {row}, column '{column}': expected {want!r}, got {got!r}")
+    return problems
+
+
+def _close(want: Any, got: Any) -> bool:
+    if hasattr(want, "tolist"):
+        want = want.tolist()
+    if hasattr(got, "tolist"):
+        got = got.tolist()
+    if isinstance(want, float) or isinstance(got, float):
+        if isinstance(want, (int, float)) and isinstance(got, (int, float)) and not isinstance(want, bool):
+            return math.isclose(want, got, rel_tol=REL_TOL, abs_tol=ABS_TOL) or (math.isnan(want) and math.isnan(got))
+        return False
+    if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
+        return len(want) == len(got) and all(_close(w, g) for w, g in zip(want, got))
+    if isinstance(want, dict) and isinstance(got, dict):
+        return want.keys() == got.keys() and all(_close(want[k], got[k]) for k in want)
+    return type(want) is type(got) and want == got
+
+
+def _child_report(folder: str, expected_digests: list[list[str]] | None) -> dict[str, Any]:
+    import mlflow_fullmodel
+
+    model = load_fullmodel(folder)
+    golden = read_golden(folder)
+    if golden is None:
+        return {"error": "the model has no golden example to check"}
+    report: dict[str, Any] = {"runtime": os.path.dirname(mlflow_fullmodel.__file__)}
+    report["problems"] = compare_outputs(golden.outputs, model.predict(golden.inputs, golden.params))
+    if report["problems"] and expected_digests is not None:
+        actual = preprocess_digests(model, golden.inputs)
+        for row, (want, got) in enumerate(zip(expected_digests, actual)):
+            for index, (w, g) in enumerate(zip(want, got)):
+                if w != g:
+                    step = type(model.preprocess_steps[index]).__name__
+                    report["problems"].insert(0, f"row {row}: the output of preprocess[{index}] {step} differs")
+                    break
+    return report
+
+
+def check_parity(
+    folder: str,
+    runtime_dir: str | None = None,
+    digests: list[list[str]] | None = None,
+    timeout: float = 600,
+) -> None:
+    """Load the model in ``folder`` in a fresh process and compare its golden outputs.
+
+    Args:
+        folder: A saved FullModel folder with a ``golden.json``.
+        runtime_dir: The folder holding the ``mlflow_fullmodel`` package to load with (the MLflow
+            model's ``code`` folder); by default the package this process runs.
+        digests: What ``preprocess_digests`` gave in the saving process; when given, a
+            mismatch also names the first pre-processing step whose output differs.
+        timeout: Seconds the child process may take.
+
+    Raises:
+        ParityError: The model failed to load in the fresh process, or its outputs differ.
+    """
+    import mlflow_fullmodel
+
+    runtime_dir = runtime_dir or os.path.dirname(os.path.dirname(mlflow_fullmodel.__file__))
+    with tempfile.TemporaryDirectory(prefix="fullmodel-parity-") as cwd:
+        result = subprocess.run(
+            [sys.executable, "-I", "-c", _CHILD, os.path.abspath(runtime_dir), os.path.abspath(folder),
+             json.dumps(digests)],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    marker = result.stdout.rfind("@@parity@@")
+    if marker < 0:
+        raise ParityError(
+            f"The parity check process for {folder} exited with code {result.returncode} without a "
+            f"report:\n{result.stderr[-3000:]}"
+        )
+    report = json.loads(result.stdout[marker + len("@@parity@@") :])
+    if "error" in report:
+        raise ParityError(
+            f"The saved model failed to load or predict in a clean process (no training code on the "
+            f"import path): {report['error']}"
+        )
+    if report["problems"]:
+        shown = "\n  ".join(report["problems"][:10])
+        raise ParityError(
+            f"The saved model, reloaded in a clean process, does not reproduce the outputs of the "
+            f"training process:\n  {shown}\nA pre-processing step may depend on state that is not "
+            "saved (a global, a random generator without a seed, a file outside an Artifact)."
+        )
+    _logger.info("Parity check passed for %s (runtime %s).", folder, report["runtime"])
