@@ -240,7 +240,7 @@ def _embed_runtime(code_dir: str) -> None:
     shutil.copytree(
         source,
         os.path.join(code_dir, "mlflow_fullmodel"),
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "cli.py"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
     )
 
 

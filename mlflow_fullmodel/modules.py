@@ -106,8 +106,10 @@ class ModuleSet(Mapping[str, Any]):
                 if key not in self._runnable:
                     module = self[name]
                     if isinstance(module, torch.export.ExportedProgram):
-                        module = module.module()
-                    self._runnable[key] = module.to(device).eval()
+                        # Exported programs are already in inference form; they have no eval().
+                        self._runnable[key] = module.module().to(device)
+                    else:
+                        self._runnable[key] = module.to(device).eval()
         return self._runnable[key]
 
 

@@ -1,0 +1,124 @@
+"""Shared fixtures: a sentencepiece tokenizer trained here, a TorchScript network, a FullModel, a
+real MLflow tracking store and registry, and one `mlflow models serve` process for all HTTP tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+import torch
+from sample_steps import LABELS, BagOfIds, Normalize, corpus, train_tokenizer
+
+import mlflow_fullmodel as fm
+from mlflow_fullmodel.modules import quiet_torch_jit
+from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
+
+EXAMPLE_TEXTS = ["What a GREAT film!", "Dull  and boring.", "The plot was superb, the actor wonderful"]
+
+
+@pytest.fixture(scope="session")
+def spm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    return train_tokenizer([text for text, _ in corpus(400)], str(folder / "spm"))
+
+
+@pytest.fixture(scope="session")
+def scripted_net() -> torch.jit.ScriptModule:
+    torch.manual_seed(0)
+    with quiet_torch_jit():
+        return torch.jit.script(BagOfIds(vocab_size=64, classes=len(LABELS)).eval())
+
+
+@pytest.fixture(scope="session")
+def text_model(spm_path: str, scripted_net: torch.jit.ScriptModule) -> fm.FullModel:
+    return fm.FullModel(
+        preprocess=[Normalize(), SentencePieceEncode(fm.Artifact(spm_path), max_length=32)],
+        module=scripted_net,
+        postprocess=[TopK(labels=LABELS, k=fm.Param(1, minimum=1, maximum=len(LABELS)))],
+        batch_size=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SQLite tracking store and registry, with artifacts under a temporary folder."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("tests", artifact_location=(folder / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=experiment)
+    yield uri
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="session")
+def registered_reviews(tracking: str, text_model: fm.FullModel) -> mlflow.models.model.ModelInfo:
+    """The text model logged, registered as "reviews" and aliased "champion"."""
+    with mlflow.start_run():
+        info = fm.log_model(
+            text_model, name="model", input_example=EXAMPLE_TEXTS, registered_model_name="reviews"
+        )
+    mlflow.MlflowClient().set_registered_model_alias("reviews", "champion", info.registered_model_version)
+    return info
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model_uri: str, tracking_uri: str, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow models serve` on loopback and wait until it answers /ping."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **(extra_env or {}))
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited:\n{process.stdout.read().decode()[-3000:]}")
+        try:
+            if requests.get(f"{url}/ping", timeout=1).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    stop(process)
+    raise RuntimeError("mlflow models serve did not answer /ping within 120 s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def champion_server(tracking: str, registered_reviews) -> Iterator[str]:
+    process, url = serve("models:/reviews@champion", tracking)
+    yield url
+    stop(process)

@@ -1,0 +1,177 @@
+"""FullModel in memory: the data path, inputs, params, batching, collation, devices, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pandas as pd
+import pytest
+import torch
+from conftest import EXAMPLE_TEXTS
+from sample_steps import LABELS, Normalize, Repeat
+
+import mlflow_fullmodel as fm
+from mlflow_fullmodel.collate import PadCollate, uncollate
+from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
+
+
+def test_predict_returns_the_postprocess_columns_one_row_per_input_in_input_order(text_model):
+    result = text_model.predict(EXAMPLE_TEXTS)
+    assert list(result.columns) == ["label", "probability", "top_labels", "top_probabilities"]
+    assert len(result) == len(EXAMPLE_TEXTS)
+    # batch_size=2 with length sorting reorders rows internally; each row must match a solo call.
+    for i, text in enumerate(EXAMPLE_TEXTS):
+        alone = text_model.predict([text])
+        assert alone["label"][0] == result["label"][i]
+        assert alone["probability"][0] == pytest.approx(result["probability"][i], rel=1e-6)
+
+
+def test_the_same_rows_give_the_same_answers_as_a_list_a_dataframe_or_a_dict_of_columns(text_model):
+    from_list = text_model.predict(EXAMPLE_TEXTS)
+    pd.testing.assert_frame_equal(text_model.predict(pd.DataFrame({"text": EXAMPLE_TEXTS})), from_list)
+    pd.testing.assert_frame_equal(text_model.predict([{"text": t} for t in EXAMPLE_TEXTS]), from_list)
+    pd.testing.assert_frame_equal(text_model.predict({"text": EXAMPLE_TEXTS}), from_list)
+
+
+def test_probabilities_are_a_softmax_of_the_module_scores(text_model, scripted_net):
+    ids = text_model.preprocess_steps[1](Normalize()(EXAMPLE_TEXTS[0]))
+    scores = scripted_net(ids[None, :], torch.tensor([len(ids)]))[0]
+    expected = torch.softmax(scores.double(), 0)
+    result = text_model.predict(EXAMPLE_TEXTS[:1], params={"k": 2})
+    assert result["top_probabilities"][0] == pytest.approx(sorted(expected.tolist(), reverse=True))
+    assert result["label"][0] == LABELS[int(expected.argmax())]
+
+
+def test_a_param_changes_the_answer_but_not_the_columns(text_model):
+    one = text_model.predict(EXAMPLE_TEXTS)
+    two = text_model.predict(EXAMPLE_TEXTS, params={"k": 2})
+    assert list(one.columns) == list(two.columns)
+    assert all(len(x) == 1 for x in one["top_labels"]) and all(len(x) == 2 for x in two["top_labels"])
+
+
+def test_an_unknown_param_is_an_error_listing_the_valid_ones(text_model):
+    with pytest.raises(fm.ParamError, match=r"Unknown parameter\(s\) \['kk'\]. Valid parameters are: \['k'\]"):
+        text_model.predict(EXAMPLE_TEXTS, params={"kk": 2})
+
+
+def test_a_param_out_of_bounds_is_an_error_naming_it(text_model):
+    with pytest.raises(fm.ParamError, match="Parameter 'k' must be <= 2, got 3"):
+        text_model.predict(EXAMPLE_TEXTS, params={"k": 3})
+
+
+def test_two_steps_declaring_the_same_param_name_is_an_error_at_construction(spm_path, scripted_net):
+    with pytest.raises(fm.ConfigError, match=r"'times' is declared by both preprocess\[0\] and preprocess\[1\]"):
+        fm.FullModel(
+            preprocess=[Repeat(times=fm.Param(1)), Repeat(times=fm.Param(2))],
+            module=scripted_net,
+        )
+
+
+def test_a_param_reaches_the_preprocess_step_that_declared_it(spm_path, scripted_net):
+    model = fm.FullModel(
+        preprocess=[Repeat(times=fm.Param(1, minimum=1)), SentencePieceEncode(fm.Artifact(spm_path), max_length=64)],
+        module=scripted_net,
+        postprocess=[TopK(labels=LABELS)],
+    )
+    doubled = model.predict(["good film"], params={"times": 2})
+    explicit = model.predict(["good film good film"])
+    assert doubled["probability"][0] == pytest.approx(explicit["probability"][0])
+
+
+def test_a_missing_column_is_an_error_naming_the_row_and_the_expected_columns(text_model):
+    with pytest.raises(fm.InputError, match=r"Row 0 has no column 'text'; the model expects columns \['text'\]"):
+        text_model.predict(pd.DataFrame({"review": ["x"], "other": [1]}))
+
+
+def test_a_null_value_is_an_error_naming_row_and_column(text_model):
+    with pytest.raises(fm.InputError, match=r"Row 1, column 'text': value is missing"):
+        text_model.predict(["fine", None])
+
+
+def test_a_row_a_step_rejects_is_an_error_naming_the_row_and_the_step(text_model):
+    with pytest.raises(fm.InputError, match=r"Row 2: preprocess\[0\] Normalize failed: AttributeError"):
+        text_model.predict(["fine", "good", 42])
+
+
+def test_a_plain_nn_module_is_refused_with_the_fix(scripted_net):
+    with pytest.raises(fm.ConfigError, match="script, trace or export it first"):
+        fm.FullModel(preprocess=[Normalize()], module=torch.nn.Linear(2, 2))
+
+
+def test_a_transform_class_that_needs_no_arguments_may_be_given_uninstantiated(scripted_net):
+    model = fm.FullModel(preprocess=[Normalize], module=scripted_net)
+    assert isinstance(model.preprocess_steps[0], Normalize)
+
+
+def test_asking_for_cuda_where_there_is_none_is_a_clear_error(text_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(fm.DeviceError, match="CUDA is not available"):
+        text_model.to("cuda")
+
+
+def test_predict_from_many_threads_gives_each_caller_its_own_answers(text_model):
+    inputs = [[f"good film {'great ' * i}", f"bad plot {'dull ' * (7 - i)}"] for i in range(8)]
+    expected = [text_model.predict(rows, params={"k": 1 + i % 2}) for i, rows in enumerate(inputs)]
+    results: dict[int, pd.DataFrame] = {}
+    barrier = threading.Barrier(8)
+
+    def call(i: int) -> None:
+        barrier.wait(timeout=10)
+        for _ in range(5):
+            results[i] = text_model.predict(inputs[i], params={"k": 1 + i % 2})
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    for i in range(8):
+        pd.testing.assert_frame_equal(results[i], expected[i])
+
+
+class TestPadCollate:
+    def test_pads_variable_length_ids_and_reports_lengths(self):
+        batch = PadCollate(pad_value=9)([torch.tensor([1, 2, 3]), torch.tensor([4])])
+        assert batch.inputs.tolist() == [[1, 2, 3], [4, 9, 9]]
+        assert batch.lengths.tolist() == [3, 1]
+
+    def test_pads_on_the_left_when_asked(self):
+        batch = PadCollate(pad_side="left")([torch.tensor([1, 2, 3]), torch.tensor([4])])
+        assert batch.inputs.tolist() == [[1, 2, 3], [0, 0, 4]]
+
+    def test_stacks_fixed_size_tensors_and_recurses_into_dicts(self):
+        batch = PadCollate()([{"image": torch.zeros(3, 2, 2), "ids": torch.tensor([1, 2])},
+                              {"image": torch.ones(3, 2, 2), "ids": torch.tensor([3])}])
+        assert batch.inputs["image"].shape == (2, 3, 2, 2)
+        assert batch.inputs["ids"].tolist() == [[1, 2], [3, 0]]
+
+    def test_examples_of_different_structure_are_refused_naming_the_row(self):
+        with pytest.raises(fm.InputError, match=r"row 1 has keys \['a'\], row 0 has \['a', 'b'\]"):
+            PadCollate()([{"a": torch.tensor([1]), "b": torch.tensor([2])}, {"a": torch.tensor([1])}])
+
+    def test_multi_dimensional_tensors_of_different_shapes_are_refused(self):
+        with pytest.raises(fm.InputError, match="only 1-D tensors are padded"):
+            PadCollate()([torch.zeros(3, 4, 4), torch.zeros(3, 5, 5)])
+
+    def test_uncollate_splits_tensors_tuples_and_dicts_per_example(self):
+        rows = uncollate({"a": torch.arange(4).reshape(2, 2), "b": (torch.tensor([5, 6]),)}, 2)
+        assert rows[1]["a"].tolist() == [2, 3] and rows[1]["b"][0].item() == 6
+
+
+def test_a_torch_export_program_gives_the_same_answers_as_torchscript(spm_path, text_model):
+    from sample_steps import BagOfIds
+
+    torch.manual_seed(0)
+    net = BagOfIds(vocab_size=64, classes=len(LABELS)).eval()
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
+    program = torch.export.export(
+        net, (torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])),
+        dynamic_shapes=({0: batch, 1: length}, {0: batch}),
+    )
+    exported = fm.FullModel(
+        preprocess=text_model.preprocess_steps, module=program, postprocess=text_model.postprocess_steps, batch_size=2
+    )
+    texts = EXAMPLE_TEXTS + ["a much longer text " * 5]
+    pd.testing.assert_frame_equal(exported.predict(texts, params={"k": 2}), text_model.predict(texts, params={"k": 2}))

@@ -1,0 +1,223 @@
+"""The saved-model folder: spec, code capture, integrity, isolation and the parity check."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import EXAMPLE_TEXTS
+from sample_steps import LABELS
+
+import mlflow_fullmodel as fm
+from mlflow_fullmodel.parity import check_parity, preprocess_digests
+from mlflow_fullmodel.storage import load_fullmodel, make_golden, read_spec, save_fullmodel
+from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
+
+
+@pytest.fixture
+def user_project(tmp_path: Path) -> Iterator[Callable[[str, dict[str, str]], Path]]:
+    """Write a user's project (files by relative path) and put it on sys.path, as a training
+    script would have it; afterwards take it off again, modules included."""
+    roots: list[str] = []
+    before = set(sys.modules)
+
+    def make(name: str, files: dict[str, str]) -> Path:
+        root = tmp_path / name
+        for relative, source in files.items():
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            (root / relative).write_text(textwrap.dedent(source))
+        sys.path.insert(0, str(root))
+        roots.append(str(root))
+        return root
+
+    yield make
+    for root in roots:
+        sys.path.remove(root)
+    for name in set(sys.modules) - before:
+        module_file = getattr(sys.modules[name], "__file__", None) or ""
+        if any(module_file.startswith(root) for root in roots):
+            del sys.modules[name]
+
+
+def saved(tmp_path: Path, model: fm.FullModel, name: str = "saved") -> str:
+    folder = str(tmp_path / name)
+    save_fullmodel(model, folder, make_golden(model, EXAMPLE_TEXTS, {"k": 2}))
+    return folder
+
+
+def test_a_loaded_model_predicts_exactly_like_the_one_saved(tmp_path, text_model):
+    loaded = load_fullmodel(saved(tmp_path, text_model))
+    for params in ({}, {"k": 2}):
+        pd.testing.assert_frame_equal(loaded.predict(EXAMPLE_TEXTS, params), text_model.predict(EXAMPLE_TEXTS, params))
+    assert repr(loaded).replace(repr(loaded.preprocess_steps[1]), "") == repr(text_model).replace(
+        repr(text_model.preprocess_steps[1]), ""
+    )
+
+
+def test_the_spec_is_readable_json_naming_steps_params_modules_and_file_hashes(tmp_path, text_model):
+    folder = saved(tmp_path, text_model)
+    spec = read_spec(folder)
+    assert spec["format_version"] == 1
+    assert [s["target"] for s in spec["preprocess"]] == [
+        "sample_steps:Normalize", "mlflow_fullmodel.transforms.text:SentencePieceEncode",
+    ]
+    assert spec["preprocess"][1]["config"]["max_length"] == 32
+    assert spec["params"]["k"] == {"default": 1, "minimum": 1, "maximum": 2, "type": "int", "step": "postprocess[0]"}
+    assert spec["modules"] == {"main": {"file": "modules/main.pt", "format": "torchscript"}}
+    assert "code/sample_steps.py" in spec["files"] or "code/sample_steps.py" in spec["code"]
+    on_disk = {str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()}
+    assert set(spec["files"]) == on_disk - {"fullmodel.json"}
+    assert "sentencepiece" in spec["requirements"]
+
+
+def test_no_file_in_a_saved_model_is_a_pickle_outside_the_module_archives(tmp_path, text_model):
+    folder = Path(saved(tmp_path, text_model))
+    for path in folder.rglob("*"):
+        if path.is_file() and path.parent.name != "modules":
+            assert path.suffix not in {".pkl", ".pickle", ".joblib"}
+            assert not path.read_bytes().startswith(b"\x80"), f"{path} looks like a pickle"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "artifacts/preprocess-1-SentencePieceEncode/model_file/spm.model").write_bytes(b"x"),
+         r"changed since saving: \['artifacts/preprocess-1-SentencePieceEncode/model_file/spm.model'\]"),
+        (lambda f: (f / "golden.json").unlink(), r"missing: \['golden.json'\]"),
+        (lambda f: (f / "code/evil.py").write_text("import os"), r"not part of the saved model: \['code/evil.py'\]"),
+    ],
+    ids=["tampered artifact", "missing file", "added file"],
+)
+def test_a_changed_missing_or_added_file_is_an_integrity_error_naming_it(tmp_path, text_model, damage, message):
+    folder = Path(saved(tmp_path, text_model))
+    damage(folder)
+    with pytest.raises(fm.IntegrityError, match=message):
+        load_fullmodel(str(folder))
+
+
+def test_saving_into_a_non_empty_folder_is_refused_and_leaves_it_alone(tmp_path, text_model):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(fm.ConfigError, match="already exists and is not empty"):
+        save_fullmodel(text_model, str(tmp_path / "busy"))
+    assert os.listdir(tmp_path / "busy") == ["keep.txt"]
+
+
+def test_a_config_that_cannot_be_saved_is_refused_before_anything_is_written(tmp_path, text_model, scripted_net):
+    bad = fm.FullModel(preprocess=text_model.preprocess_steps, module=scripted_net,
+                       postprocess=[TopK(labels=LABELS, softmax=object())])
+    with pytest.raises(fm.ConfigError, match=r"postprocess\[0\] TopK, argument 'softmax': a value of type object"):
+        save_fullmodel(bad, str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_transitive_local_import_is_captured_with_its_package_layout(tmp_path, user_project, spm_path, scripted_net):
+    user_project("project", {
+        "shop/__init__.py": "",
+        "shop/text/__init__.py": "",
+        "shop/text/cleaning.py": """
+            from .stopwords import STOPWORDS
+            from shop import settings
+
+            def clean(text):
+                return " ".join(w for w in text.lower().split() if w not in STOPWORDS)[: settings.MAX_CHARS]
+        """,
+        "shop/text/stopwords.py": "STOPWORDS = {'the', 'a', 'was'}\n",
+        "shop/settings.py": "MAX_CHARS = 200\n",
+        "shop/steps.py": """
+            import mlflow_fullmodel as fm
+            from shop.text.cleaning import clean
+
+            class Clean(fm.Transform):
+                def __call__(self, text):
+                    return clean(text)
+        """,
+        "unrelated.py": "raise RuntimeError('never imported by the steps')\n",
+    })
+    from shop.steps import Clean
+
+    model = fm.FullModel(preprocess=[Clean(), SentencePieceEncode(fm.Artifact(spm_path))], module=scripted_net,
+                         postprocess=[TopK(labels=LABELS, k=fm.Param(1))])
+    folder = saved(tmp_path, model)
+    code = {str(p.relative_to(Path(folder) / "code")) for p in (Path(folder) / "code").rglob("*.py")}
+    assert code == {"shop/__init__.py", "shop/steps.py", "shop/settings.py", "shop/text/__init__.py",
+                    "shop/text/cleaning.py", "shop/text/stopwords.py"}
+    check_parity(folder, digests=preprocess_digests(model, EXAMPLE_TEXTS))
+
+
+def test_two_models_whose_code_shares_a_module_name_load_and_predict_side_by_side(
+    tmp_path, user_project, spm_path, scripted_net
+):
+    def train(name: str, suffix: str) -> tuple[str, pd.DataFrame]:
+        """One training run: its own processing.py, a model saved, the answers it gave."""
+        root = user_project(name, {"processing.py": f"""
+            import mlflow_fullmodel as fm
+
+            class Tag(fm.Transform):
+                def __call__(self, text):
+                    return text + "{suffix}"
+        """})
+        from processing import Tag
+
+        model = fm.FullModel(preprocess=[Tag(), SentencePieceEncode(fm.Artifact(spm_path))], module=scripted_net,
+                             postprocess=[TopK(labels=LABELS, k=fm.Param(1))])
+        folder = saved(tmp_path, model, f"{name}-model")
+        answers = model.predict(["a film"])
+        sys.path.remove(str(root))
+        sys.path.append(str(root))  # out of the way of the next run; the fixture removes it
+        del sys.modules["processing"]
+        return folder, answers
+
+    runs = [train("champion", " great superb"), train("challenger", " awful dull dreadful")]
+    champion, challenger = (load_fullmodel(folder) for folder, _ in runs)
+    assert "processing" not in sys.modules
+    assert champion.preprocess_steps[0]("x") == "x great superb"
+    assert challenger.preprocess_steps[0]("x") == "x awful dull dreadful"
+    for model, (_, answers) in zip((champion, challenger), runs):
+        pd.testing.assert_frame_equal(model.predict(["a film"]), answers)
+    assert runs[0][1]["probability"][0] != runs[1][1]["probability"][0]
+
+
+def test_the_parity_check_reports_an_output_that_the_reloaded_model_does_not_reproduce(
+    tmp_path, user_project, spm_path, scripted_net
+):
+    user_project("drifting", {"scaling.py": """
+        import mlflow_fullmodel as fm
+
+        SUFFIX = ""
+
+        class Echo(fm.Transform):
+            def __call__(self, text):
+                return text + SUFFIX
+    """})
+    import scaling
+
+    model = fm.FullModel(preprocess=[scaling.Echo(), SentencePieceEncode(fm.Artifact(spm_path))],
+                         module=scripted_net, postprocess=[TopK(labels=LABELS, k=fm.Param(1))])
+    scaling.SUFFIX = " dreadful awful"  # state changed in the training process, not in the source that is saved
+    folder = saved(tmp_path, model)
+    with pytest.raises(fm.ParityError, match=r"row 0: the output of preprocess\[0\] Echo differs"):
+        check_parity(folder, digests=preprocess_digests(model, EXAMPLE_TEXTS))
+
+
+def test_a_step_defined_inside_a_function_is_refused_with_the_fix(tmp_path, scripted_net):
+    class Local(fm.Transform):
+        def __call__(self, text):
+            return text
+
+    with pytest.raises(fm.CodeCaptureError, match="is defined inside a function.*Define it at module level"):
+        save_fullmodel(fm.FullModel(preprocess=[Local()], module=scripted_net), str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_loading_leaves_no_bytecode_in_the_model_folder(tmp_path, text_model):
+    folder = saved(tmp_path, text_model)
+    load_fullmodel(folder)
+    assert not list(Path(folder).rglob("__pycache__"))
+    assert json.loads((Path(folder) / "golden.json").read_text())["params"] == {"k": 2}

@@ -1,0 +1,157 @@
+"""The configuration contract of steps: constructor arguments only, shown by repr, saved as JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mlflow_fullmodel as fm
+from mlflow_fullmodel.collate import PadCollate
+from mlflow_fullmodel.forward import CallModule
+from mlflow_fullmodel.storage.folder import _decode_config, _encode_config, _Plan
+from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
+
+
+def builtin_steps(spm_path: str) -> list[fm.transform.Configurable]:
+    return [
+        SentencePieceEncode(fm.Artifact(spm_path), max_length=8, add_bos=True, add_eos=True),
+        TopK(labels=["a", "b", "c"], k=fm.Param(2)),
+        PadCollate(pad_value=3, pad_side="left"),
+        CallModule(),
+    ]
+
+
+def test_every_builtin_step_round_trips_through_json_to_an_equal_step(spm_path, tmp_path):
+    for step in builtin_steps(spm_path):
+        plan = _Plan(spec={})
+        encoded = json.loads(json.dumps(_encode_config(step, "stage[0]", plan)))
+        # Artifacts are re-pointed into the model folder: copy them where the spec says.
+        for source, dest in plan.artifacts:
+            (tmp_path / dest).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / dest).write_bytes(open(source, "rb").read())
+        rebuilt = type(step)(**_decode_config(encoded, str(tmp_path)))
+        assert type(rebuilt) is type(step)
+        expected = {k: v for k, v in step.get_config().items() if not isinstance(v, fm.Artifact)}
+        assert {k: v for k, v in rebuilt.get_config().items() if not isinstance(v, fm.Artifact)} == expected
+        assert not [n for n in vars(rebuilt) if not n.startswith("_") and n not in step.config_names()]
+
+
+def test_a_rebuilt_tokenizer_encodes_exactly_like_the_original(spm_path, tmp_path):
+    step = SentencePieceEncode(fm.Artifact(spm_path), max_length=8, add_bos=True, add_eos=True)
+    plan = _Plan(spec={})
+    encoded = _encode_config(step, "preprocess[0]", plan)
+    (source, dest), = plan.artifacts
+    (tmp_path / dest).parent.mkdir(parents=True)
+    (tmp_path / dest).write_bytes(open(source, "rb").read())
+    rebuilt = SentencePieceEncode(**_decode_config(encoded, str(tmp_path)))
+    text = "a superb film with a dull plot and a great director"
+    assert torch.equal(rebuilt(text), step(text))
+    ids = step(text)
+    assert len(ids) == 8 and ids[0].item() == 2 and ids[-1].item() == 3
+
+
+def test_repr_shows_only_arguments_that_differ_from_their_defaults(spm_path):
+    assert repr(PadCollate()) == "PadCollate()"
+    assert repr(PadCollate(pad_value=3)) == "PadCollate(pad_value=3)"
+    assert repr(TopK(labels=["a", "b"], k=fm.Param(1))) == "TopK(labels=['a', 'b'], k=Param(1))"
+
+
+def test_arguments_are_stored_before_init_so_init_only_validates():
+    class Scale(fm.Transform):
+        def __init__(self, factor: float = 2.0) -> None:
+            if factor <= 0:
+                raise ValueError("Scale: factor must be positive")
+
+        def __call__(self, x):
+            return x * self.factor
+
+    assert Scale(3.0).factor == 3.0 and Scale().factor == 2.0
+    assert Scale(factor=4.0)(2) == 8.0
+    with pytest.raises(ValueError, match="factor must be positive"):
+        Scale(-1)
+
+
+def test_star_args_in_a_constructor_are_refused_when_the_class_is_defined():
+    with pytest.raises(TypeError, match=r"\*kwargs"):
+        class Loose(fm.Transform):
+            def __init__(self, **kwargs) -> None:
+                pass
+
+
+def test_a_public_attribute_that_is_not_an_argument_is_refused_at_save_time():
+    step = TopK(labels=["a", "b"])
+    step.threshold = 0.5
+    with pytest.raises(fm.ConfigError, match=r"TopK has public attribute\(s\) \['threshold'\]"):
+        _encode_config(step, "postprocess[0]", _Plan(spec={}))
+
+
+def test_an_argument_changed_after_construction_is_saved_not_dropped():
+    step = TopK(labels=["a", "b"])
+    step.labels = ["x", "y"]
+    assert _encode_config(step, "postprocess[0]", _Plan(spec={}))["labels"] == ["x", "y"]
+
+
+def test_a_value_that_is_not_json_is_refused_naming_the_step_and_argument():
+    step = TopK(labels=["a", "b"], softmax=torch.tensor(1.0))
+    with pytest.raises(fm.ConfigError, match=r"postprocess\[0\] TopK, argument 'softmax': a value of type Tensor"):
+        _encode_config(step, "postprocess[0]", _Plan(spec={}))
+
+
+def test_a_missing_artifact_file_is_refused_naming_the_argument(tmp_path):
+    step = SentencePieceEncode.__new__(SentencePieceEncode, fm.Artifact(tmp_path / "nope.model"))
+    with pytest.raises(fm.ConfigError, match=r"argument 'model_file': the artifact .*nope.model.* does not exist"):
+        _encode_config(step, "preprocess[0]", _Plan(spec={}))
+
+
+class TestTransformDecorator:
+    def test_a_function_becomes_a_transform_class_with_its_keyword_arguments_as_config(self):
+        @fm.transform
+        def truncate(text: str, max_chars: int = 5) -> str:
+            return text[:max_chars]
+
+        assert issubclass(truncate, fm.Transform)
+        assert truncate()("abcdefgh") == "abcde"
+        assert truncate(max_chars=2)("abcdefgh") == "ab"
+        assert repr(truncate(max_chars=2)) == "truncate(max_chars=2)"
+
+    def test_a_param_default_becomes_a_runtime_parameter(self):
+        @fm.transform
+        def shout(text: str, times: int = fm.Param(1)) -> str:
+            return text * times
+
+        step = shout()
+        assert list(step.params()) == ["times"]
+        assert step("ab") == "ab"
+        assert step("ab", times=3) == "ababab"
+
+    def test_an_argument_without_default_is_refused(self):
+        with pytest.raises(TypeError, match="argument 'n' of .*needs a default"):
+            @fm.transform
+            def cut(text, n):
+                return text[:n]
+
+
+class TestParam:
+    def test_values_are_converted_to_the_type_of_the_default(self):
+        assert fm.Param(1).validate("k", 3.0) == 3
+        assert fm.Param(0.5).validate("t", 1) == 1.0
+        with pytest.raises(fm.ParamError, match="Parameter 'k' must be of type int, got str"):
+            fm.Param(1).validate("k", "3")
+        with pytest.raises(fm.ParamError, match="Parameter 'k' must be of type int"):
+            fm.Param(1).validate("k", True)
+
+    def test_bounds_and_choices_are_enforced_naming_the_parameter(self):
+        with pytest.raises(fm.ParamError, match="Parameter 'k' must be >= 1, got 0"):
+            fm.Param(1, minimum=1).validate("k", 0)
+        with pytest.raises(fm.ParamError, match=r"Parameter 'mode' must be one of \['a', 'b'\]"):
+            fm.Param("a", choices=["a", "b"]).validate("mode", "c")
+
+    def test_a_default_outside_the_bounds_is_refused_at_construction(self):
+        with pytest.raises(fm.ParamError):
+            fm.Param(0, minimum=1)
+
+    def test_a_non_scalar_default_is_refused(self):
+        with pytest.raises(fm.ConfigError, match="Param default must be"):
+            fm.Param([1, 2])
