@@ -71,7 +71,6 @@ _logger = logging.getLogger(__name__)
 FLAVOR_NAME = "fullmodel"
 _DATA_SUBPATH = "fullmodel"
 _CODE_SUBPATH = "code"
-_DEVICE_ENV = "MLFLOW_FULLMODEL_DEVICE"
 
 _SCHEMA_TYPES = {str: "string", bytes: "binary", bool: "boolean", int: "long", float: "double"}
 
@@ -192,6 +191,8 @@ def _write_model(
         code=_CODE_SUBPATH,
         conda_env=_CONDA_ENV_FILE_NAME,
         python_env=_PYTHON_ENV_FILE_NAME,
+        # Declared so that MLflow passes a load-time override through (it drops unknown keys).
+        model_config={"device": "cpu"},
     )
     mlflow_model.add_flavor(
         FLAVOR_NAME,
@@ -389,10 +390,10 @@ class _FullModelWrapper:
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _FullModelWrapper:
-    """Called by ``mlflow.pyfunc.load_model``; ``model_config={"device": "cuda"}`` picks the device
-    (default: the ``MLFLOW_FULLMODEL_DEVICE`` environment variable, else ``"cpu"``)."""
+    """Called by ``mlflow.pyfunc.load_model``. ``model_config={"device": "cuda"}`` picks the device;
+    for ``mlflow models serve`` set ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cuda"}'``."""
     config = dict(model_config or {})
-    device = config.pop("device", os.environ.get(_DEVICE_ENV, "cpu"))
+    device = config.pop("device", "cpu")
     if config:
         raise MlflowException(
             f"Unknown model_config key(s) {sorted(config)} for a fullmodel model; valid keys: ['device'].",

@@ -1,0 +1,177 @@
+"""The fullmodel MLflow flavor against a real SQLite tracking store and registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import EXAMPLE_TEXTS
+
+import mlflow_fullmodel as fm
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, text_model) -> Path:
+    path = tmp_path_factory.mktemp("flavor") / "model"
+    fm.save_model(text_model, str(path), input_example=(EXAMPLE_TEXTS, {"k": 2}))
+    return path
+
+
+def test_mlflow_files_are_written_as_for_builtin_flavors(saved_model):
+    names = set(os.listdir(saved_model))
+    assert {"MLmodel", "requirements.txt", "python_env.yaml", "conda.yaml", "input_example.json",
+            "serving_input_example.json", "fullmodel", "code"} <= names
+    mlmodel = yaml.safe_load((saved_model / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow_fullmodel.flavor"
+    assert mlmodel["flavors"]["fullmodel"]["modules"] == {"main": "torchscript"}
+    serving = json.loads((saved_model / "serving_input_example.json").read_text())
+    assert serving["params"] == {"k": 2}
+    assert serving["dataframe_split"]["columns"] == ["text"]
+
+
+def test_the_signature_names_inputs_outputs_and_params_with_defaults(saved_model):
+    signature = mlflow.models.Model.load(str(saved_model)).signature
+    assert signature.inputs.input_names() == ["text"]
+    assert signature.outputs.input_names() == ["label", "probability", "top_labels", "top_probabilities"]
+    (param,) = signature.params.params
+    assert (param.name, param.default, param.dtype.name) == ("k", 1, "long")
+
+
+def test_requirements_list_public_packages_and_what_the_steps_import_but_not_this_package(saved_model):
+    requirements = (saved_model / "requirements.txt").read_text().split()
+    names = {r.split("==")[0].lower() for r in requirements}
+    assert {"mlflow", "torch", "numpy", "pandas", "sentencepiece"} <= names
+    assert not any("fullmodel" in n for n in names)
+    assert not any("+" in r for r in requirements)
+
+
+def test_the_runtime_travels_inside_the_model(saved_model):
+    assert (saved_model / "code" / "mlflow_fullmodel" / "pipeline.py").exists()
+
+
+def test_pyfunc_predict_after_reload_equals_in_memory_predict(saved_model, text_model):
+    loaded = mlflow.pyfunc.load_model(str(saved_model))
+    frame = pd.DataFrame({"text": EXAMPLE_TEXTS})
+    for params in (None, {"k": 2}):
+        pd.testing.assert_frame_equal(loaded.predict(frame, params=params), text_model.predict(EXAMPLE_TEXTS, params))
+    pd.testing.assert_frame_equal(fm.load_model(str(saved_model)).predict(EXAMPLE_TEXTS), text_model.predict(EXAMPLE_TEXTS))
+
+
+def test_a_bad_param_through_pyfunc_is_an_mlflow_invalid_parameter_error(saved_model):
+    loaded = mlflow.pyfunc.load_model(str(saved_model))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Parameter 'k' must be <= 2, got 5") as raised:
+        loaded.predict(pd.DataFrame({"text": ["x"]}), params={"k": 5})
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_the_device_is_chosen_at_load_time_through_model_config(saved_model, text_model):
+    on_cpu = mlflow.pyfunc.load_model(str(saved_model), model_config={"device": "cpu"})
+    pd.testing.assert_frame_equal(on_cpu.predict(pd.DataFrame({"text": EXAMPLE_TEXTS})), text_model.predict(EXAMPLE_TEXTS))
+    if not torch.cuda.is_available():
+        with pytest.raises(mlflow.exceptions.MlflowException, match="'cuda' was requested but CUDA is not available"):
+            mlflow.pyfunc.load_model(str(saved_model), model_config={"device": "cuda"})
+
+
+def test_loading_shows_no_torch_jit_deprecation_warning(saved_model):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fm.load_model(str(saved_model)).predict(EXAMPLE_TEXTS[:1])
+    assert not [w for w in caught if "torch.jit" in str(w.message)]
+
+
+def test_the_model_loads_in_a_process_without_the_training_code_or_an_installed_mlflow_fullmodel(saved_model, tmp_path):
+    # python -I: no working directory, PYTHONPATH or user site on the path; and a finder that
+    # refuses mlflow_fullmodel from anywhere but the model folder, as if it were not installed.
+    script = textwrap.dedent("""
+        import importlib.machinery, json, sys
+        model_dir = sys.argv[1]
+
+        class NotInstalled:
+            def find_spec(self, name, path=None, target=None):
+                if name == "mlflow_fullmodel":
+                    spec = importlib.machinery.PathFinder.find_spec(name, [model_dir + "/code"])
+                    if spec is None:
+                        raise ModuleNotFoundError(name)
+                    return spec
+
+        sys.meta_path.insert(0, NotInstalled())
+        import mlflow, pandas as pd
+        try:
+            import sample_steps
+            raise SystemExit("the training code is importable")
+        except ModuleNotFoundError:
+            pass
+        model = mlflow.pyfunc.load_model(model_dir)
+        import mlflow_fullmodel
+        out = model.predict(pd.DataFrame({"text": json.loads(sys.argv[2])}), params={"k": 2})
+        print(json.dumps({"runtime": mlflow_fullmodel.__file__, "labels": out["label"].tolist(),
+                          "probabilities": out["probability"].tolist()}))
+    """)
+    result = subprocess.run([sys.executable, "-I", "-c", script, str(saved_model), json.dumps(EXAMPLE_TEXTS)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["runtime"].startswith(str(saved_model))
+    golden = json.loads((saved_model / "fullmodel" / "golden.json").read_text())
+    assert report["labels"] == [row[0] for row in golden["outputs"]["data"]]
+    assert report["probabilities"] == pytest.approx([row[1] for row in golden["outputs"]["data"]], rel=1e-6)
+
+
+def test_save_without_an_input_example_needs_parity_switched_off_explicitly(tmp_path, text_model):
+    with pytest.raises(fm.ConfigError, match="parity check needs an input_example"):
+        fm.save_model(text_model, str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+    fm.save_model(text_model, str(tmp_path / "m"), check_parity=False)
+    assert not (tmp_path / "m" / "fullmodel" / "golden.json").exists()
+
+
+def test_log_register_and_load_by_alias_version_run_and_model_id(registered_reviews, text_model):
+    expected = text_model.predict(EXAMPLE_TEXTS, params={"k": 2})
+    uris = ["models:/reviews@champion", f"models:/reviews/{registered_reviews.registered_model_version}",
+            registered_reviews.model_uri, f"runs:/{registered_reviews.run_id}/model"]
+    for uri in uris:
+        pd.testing.assert_frame_equal(fm.load_model(uri).predict(EXAMPLE_TEXTS, params={"k": 2}), expected)
+        pyfunc = mlflow.pyfunc.load_model(uri)
+        pd.testing.assert_frame_equal(pyfunc.predict(pd.DataFrame({"text": EXAMPLE_TEXTS}), params={"k": 2}), expected)
+
+
+def test_a_logged_model_that_fails_parity_is_not_logged(tracking, tmp_path, text_model, scripted_net):
+    import random
+
+    from sample_steps import LABELS
+
+    from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
+
+    sys.path.insert(0, str(tmp_path))
+    (tmp_path / "noisy.py").write_text(textwrap.dedent("""
+        import random
+        import mlflow_fullmodel as fm
+
+        class Shuffle(fm.Transform):
+            def __call__(self, text):
+                words = text.split()
+                random.shuffle(words)
+                return " ".join(words[: max(1, len(words) // 2)])
+    """))
+    try:
+        import noisy
+
+        random.seed(1)
+        model = fm.FullModel(preprocess=[noisy.Shuffle(), *text_model.preprocess_steps[1:]], module=scripted_net,
+                             postprocess=[TopK(labels=LABELS)])
+        with mlflow.start_run() as run, pytest.raises(fm.ParityError, match=r"row \d+: the output of preprocess\[0\] Shuffle differs"):
+            fm.log_model(model, name="noisy", input_example=[" ".join(f"w{i}" for i in range(30)) + " great dull"] * 3)
+        assert not mlflow.MlflowClient().list_artifacts(run.info.run_id)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("noisy", None)
