@@ -176,9 +176,12 @@ def split(
     """Shuffle and split into ``((train_texts, train_labels), (val_texts, val_labels))``; both
     parts keep at least one example."""
     if len(texts) < 2:
-        raise ValueError(f"Need at least two examples to split into training and validation, got {len(texts)}.")
+        raise ValueError(f"Need at least two examples to split into training and validation, "
+                         f"got {len(texts)}.")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     n_val = min(max(1, round(len(order) * validation_fraction)), len(order) - 1)
     val, train = order[:n_val], order[n_val:]
-    return ([texts[i] for i in train], [labels[i] for i in train]), ([texts[i] for i in val], [labels[i] for i in val])
+    train_part = ([texts[i] for i in train], [labels[i] for i in train])
+    val_part = ([texts[i] for i in val], [labels[i] for i in val])
+    return train_part, val_part

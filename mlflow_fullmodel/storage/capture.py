@@ -182,17 +182,22 @@ class CodeCapture:
                 f"{label}: {name} is not a module-level name of __main__, so its source cannot be "
                 "captured. Define it at the top level of the script or notebook."
             )
-        self._main_definitions[name] = ""  # reserve: breaks cycles between functions
         source = _source_of(obj, label)
-        for global_name in sorted(_global_names(obj, source)):
-            if global_name == name or not hasattr(main, global_name):
-                continue
-            self._add_main_global(global_name, getattr(main, global_name), obj, label)
+        self._add_main_definition(name, source, _global_names(obj, source), obj, label)
+
+    def _add_main_definition(self, name: str, source: str, uses: set[str], user: Any, label: str) -> None:
+        main = sys.modules["__main__"]
+        self._main_definitions[name] = ""  # reserve: breaks cycles between functions
+        for global_name in sorted(uses):
+            if global_name != name and hasattr(main, global_name):
+                self._add_main_global(global_name, getattr(main, global_name), user, label)
         # Re-insert so that dependencies precede their users in the written module.
         del self._main_definitions[name]
         self._main_definitions[name] = source
 
     def _add_main_global(self, name: str, value: Any, user: Any, label: str) -> None:
+        if name in self._main_definitions or name in self._main_imports or name in self._main_constants:
+            return
         if isinstance(value, types.ModuleType):
             statement = f"import {value.__name__}" if value.__name__ == name else f"import {value.__name__} as {name}"
             self._main_imports[name] = statement
@@ -206,12 +211,41 @@ class CodeCapture:
             self.add_module(module, label)
         elif _is_literal(value):
             self._main_constants[name] = repr(value)
+        elif (assignment := _main_assignment(name, user)) is not None:
+            # e.g. PATTERN = re.compile(...): re-run the statement that made the value.
+            source, uses = assignment
+            self._add_main_definition(name, source, uses, user, label)
         else:
             raise CodeCaptureError(
                 f"{label}: {user.__name__} (defined in __main__) uses the global '{name}' of type "
                 f"{type(value).__name__}, which cannot be saved as source. Pass it to the constructor "
                 "instead (an Artifact if it is a file), or move the code into a module of your project."
             )
+
+
+def _main_assignment(name: str, user: Any) -> tuple[str, set[str]] | None:
+    """The last top-level ``name = ...`` statement of the script or notebook cell defining ``user``,
+    with the global names its right-hand side reads."""
+    filenames = [getattr(sys.modules["__main__"], "__file__", None)]
+    filenames += [code.co_filename for code in _code_objects(user)]
+    for filename in dict.fromkeys(f for f in filenames if f):
+        lines = linecache.getlines(filename)
+        if not lines:
+            continue
+        source = "".join(lines)
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        found = None
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) and node.value else []
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                found = node
+        if found is not None:
+            uses = {n.id for n in ast.walk(found.value) if isinstance(n, ast.Name)} - set(dir(builtins))
+            return ast.get_source_segment(source, found) or "", uses
+    return None
 
 
 def _resolve(module: types.ModuleType, qualname: str) -> Any:

@@ -1,0 +1,63 @@
+"""`mlflow models serve` on a registered fullmodel model, hit over HTTP on loopback."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import requests
+from conftest import EXAMPLE_TEXTS
+
+pytestmark = pytest.mark.slow
+
+
+def invoke(url: str, payload: dict | str) -> requests.Response:
+    data = payload if isinstance(payload, str) else None
+    return requests.post(f"{url}/invocations", json=None if data else payload, data=data,
+                         headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def answers(response: requests.Response) -> pd.DataFrame:
+    assert response.status_code == 200, response.text
+    return pd.DataFrame(response.json()["predictions"])
+
+
+PAYLOADS = {
+    "dataframe_records": {"dataframe_records": [{"text": t} for t in EXAMPLE_TEXTS]},
+    "dataframe_split": {"dataframe_split": {"columns": ["text"], "data": [[t] for t in EXAMPLE_TEXTS]}},
+    "inputs as columns": {"inputs": {"text": EXAMPLE_TEXTS}},
+    "inputs as records": {"inputs": [{"text": t} for t in EXAMPLE_TEXTS]},
+    "instances": {"instances": [{"text": t} for t in EXAMPLE_TEXTS]},
+}
+
+
+@pytest.mark.parametrize("params", [None, {"k": 2}], ids=["saved defaults", "k=2"])
+@pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())
+def test_every_payload_format_gives_the_in_memory_answers(champion_server, text_model, payload, params):
+    body = dict(payload, **({"params": params} if params else {}))
+    served = answers(invoke(champion_server, body))
+    expected = text_model.predict(EXAMPLE_TEXTS, params=params)
+    assert served["label"].tolist() == expected["label"].tolist()
+    assert served["top_labels"].tolist() == expected["top_labels"].tolist()
+    assert served["probability"].tolist() == pytest.approx(expected["probability"].tolist(), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"dataframe_records": [{"text": "x"}], "params": {"k": 3}}, "Parameter 'k' must be <= 2, got 3"),
+        ({"dataframe_records": [{"text": "x"}], "params": {"k": "two"}}, "k"),
+        ({"dataframe_records": [{"review": "x"}]}, "text"),
+        ({"dataframe_records": [{"text": "fine"}, {"text": None}]}, "text"),
+        ('{"dataframe_records": [', "Invalid input"),
+        ({"no_such_format": []}, "dataframe_records"),
+    ],
+    ids=["k out of range", "k not a number", "missing column", "null text", "broken JSON", "unknown format"],
+)
+def test_a_bad_request_is_a_400_with_a_json_message_and_no_stack_trace(champion_server, payload, message):
+    response = invoke(champion_server, payload)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert message in body["message"]
+    assert "Traceback" not in response.text
+    # ... and the server keeps serving.
+    assert answers(invoke(champion_server, PAYLOADS["dataframe_records"]))["label"].notna().all()
