@@ -18,7 +18,7 @@ $(BIN)/.installed: requirements-dev.txt setup.cfg
 setup: $(BIN)/.installed
 
 demo: setup  ## train, log, register and serve the examples; send a request; print the answer
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python example_projects/demo.py
 
 test: setup  ## the whole test suite, end-to-end tests included
 	$(BIN)/python -m pytest
