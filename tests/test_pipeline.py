@@ -175,3 +175,8 @@ def test_a_torch_export_program_gives_the_same_answers_as_torchscript(spm_path, 
     )
     texts = EXAMPLE_TEXTS + ["a much longer text " * 5]
     pd.testing.assert_frame_equal(exported.predict(texts, params={"k": 2}), text_model.predict(texts, params={"k": 2}))
+
+
+def test_an_empty_text_is_an_error_not_a_confident_guess(text_model):
+    with pytest.raises(fm.InputError, match=r"Row 1: preprocess\[1\] SentencePieceEncode: the text has no tokens"):
+        text_model.predict(["fine", "   "])

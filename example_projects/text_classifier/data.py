@@ -13,9 +13,13 @@ import random
 import re
 from collections.abc import Sequence
 
-__all__ = ["LABELS", "read_csv", "split", "synthetic_reviews"]
+__all__ = ["LABELS", "DataError", "read_csv", "split", "synthetic_reviews"]
 
 LABELS = ["negative", "neutral", "positive"]
+
+
+class DataError(ValueError):
+    """The user's data cannot be used: a missing column, an empty value, a single label."""
 
 _SUBJECTS = [
     "The film", "This movie", "The sequel", "The remake", "The documentary", "Her new picture",
@@ -147,7 +151,7 @@ def read_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
     """Read ``(texts, labels)`` from a CSV file with a header and the columns ``text`` and ``label``.
 
     Raises:
-        ValueError: The file lacks a column, a row has an empty text or label, or there are fewer
+        DataError: The file lacks a column, a row has an empty text or label, or there are fewer
             than two labels.
     """
     texts, labels = [], []
@@ -155,18 +159,18 @@ def read_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
         reader = csv.DictReader(f)
         missing = {"text", "label"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{path}: the CSV needs the columns 'text' and 'label'; missing {sorted(missing)} "
                 f"(found {reader.fieldnames})."
             )
         for row in reader:
             text, label = (row.get("text") or "").strip(), (row.get("label") or "").strip()
             if not text or not label:
-                raise ValueError(f"{path}, line {reader.line_num}: empty text or label.")
+                raise DataError(f"{path}, line {reader.line_num}: empty text or label.")
             texts.append(text)
             labels.append(label)
     if len(set(labels)) < 2:
-        raise ValueError(f"{path}: a classifier needs at least two labels, found {sorted(set(labels))}.")
+        raise DataError(f"{path}: a classifier needs at least two labels, found {sorted(set(labels))}.")
     return texts, labels
 
 
@@ -176,7 +180,7 @@ def split(
     """Shuffle and split into ``((train_texts, train_labels), (val_texts, val_labels))``; both
     parts keep at least one example."""
     if len(texts) < 2:
-        raise ValueError(f"Need at least two examples to split into training and validation, "
+        raise DataError(f"Need at least two examples to split into training and validation, "
                          f"got {len(texts)}.")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)

@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import random
+import sys
 import tempfile
 import time
 import warnings
@@ -31,7 +32,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 import mlflow_fullmodel as fm
-from data import LABELS, read_csv, split, synthetic_reviews
+from data import LABELS, DataError, read_csv, split, synthetic_reviews
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
 from model import TextClassifier
 from processing import Normalize
@@ -102,6 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.data and not os.path.isfile(args.data):
+        parser.error(f"--data {args.data}: no such file")
     if not 0 < args.validation_fraction < 1:
         parser.error("--validation-fraction must be between 0 and 1")
     return args
@@ -316,4 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main()
+    try:
+        main()
+    except DataError as error:
+        sys.exit(f"error: {error}")

@@ -64,6 +64,6 @@ class SentencePieceEncode(Transform):
         if self.add_eos:
             ids = [*ids, processor.eos_id()]
         if not ids:
-            # An empty text still needs one position for the model to attend to.
-            ids = [processor.unk_id()]
+            # Nothing for the model to read: an answer would be noise, so say so.
+            raise InputError("the text has no tokens (it is empty or only whitespace)")
         return torch.tensor(ids, dtype=torch.long)
