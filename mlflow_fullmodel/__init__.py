@@ -36,6 +36,7 @@ from mlflow_fullmodel.exceptions import (
     ParityError,
 )
 from mlflow_fullmodel.forward import CallModule, ForwardStrategy
+from mlflow_fullmodel.modules import script
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.transform import Artifact, Param, Transform, transform
 
@@ -59,6 +60,7 @@ __all__ = [
     "ParamError",
     "ParityError",
     "Transform",
+    "script",
     "transform",
     *sorted(_FLAVOR_FUNCTIONS),
 ]

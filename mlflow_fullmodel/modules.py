@@ -19,7 +19,7 @@ import torch
 
 from mlflow_fullmodel.exceptions import ConfigError, DeviceError
 
-__all__ = ["MAIN", "ModuleSet", "load_module", "quiet_torch_jit", "resolve_device", "save_module"]
+__all__ = ["MAIN", "ModuleSet", "load_module", "quiet_torch_jit", "resolve_device", "save_module", "script"]
 
 #: The name of the module when a FullModel is given a single one.
 MAIN = "main"
@@ -40,6 +40,17 @@ def quiet_torch_jit() -> Iterator[None]:
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
         yield
+
+
+def script(module: torch.nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script(module.eval())`` without torch's deprecation warning for ``torch.jit``.
+
+    Example::
+
+        FullModel(preprocess=[...], module=fm.script(net), postprocess=[...])
+    """
+    with quiet_torch_jit():
+        return torch.jit.script(module.eval())
 
 
 def module_format(module: Any) -> str:

@@ -18,7 +18,6 @@ import torch
 from sample_steps import LABELS, BagOfIds, Normalize, corpus, train_tokenizer
 
 import mlflow_fullmodel as fm
-from mlflow_fullmodel.modules import quiet_torch_jit
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
 
 EXAMPLE_TEXTS = ["What a GREAT film!", "Dull  and boring.", "The plot was superb, the actor wonderful"]
@@ -33,8 +32,7 @@ def spm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def scripted_net() -> torch.jit.ScriptModule:
     torch.manual_seed(0)
-    with quiet_torch_jit():
-        return torch.jit.script(BagOfIds(vocab_size=64, classes=len(LABELS)).eval())
+    return fm.script(BagOfIds(vocab_size=64, classes=len(LABELS)))
 
 
 @pytest.fixture(scope="session")

@@ -180,3 +180,15 @@ def test_a_torch_export_program_gives_the_same_answers_as_torchscript(spm_path, 
 def test_an_empty_text_is_an_error_not_a_confident_guess(text_model):
     with pytest.raises(fm.InputError, match=r"Row 1: preprocess\[1\] SentencePieceEncode: the text has no tokens"):
         text_model.predict(["fine", "   "])
+
+
+def test_fm_script_makes_torchscript_without_the_torch_jit_deprecation_warning():
+    import warnings
+
+    from sample_steps import BagOfIds
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scripted = fm.script(BagOfIds(vocab_size=8, classes=2))
+    assert isinstance(scripted, torch.jit.ScriptModule) and not scripted.training
+    assert not [w for w in caught if "torch.jit" in str(w.message)]

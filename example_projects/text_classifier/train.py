@@ -21,7 +21,6 @@ import random
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -201,15 +200,6 @@ def fit(
     return val_accuracy
 
 
-def script(net: nn.Module) -> torch.jit.ScriptModule:
-    # TorchScript is the format mlflow-fullmodel saves; recent torch warns that torch.jit.script
-    # is deprecated in favour of torch.export, which the package also accepts.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
-        return torch.jit.script(net.eval())
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train, log, register and alias the model.
 
@@ -277,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         model = fm.FullModel(
             preprocess=preprocess,
-            module=script(net),
+            module=fm.script(net),  # TorchScript; fm.script keeps torch.jit's deprecation notice quiet
             postprocess=[TopK(labels=labels, k=fm.Param(1, minimum=1, maximum=len(labels)))],
             collate=fm.PadCollate(pad_value=PAD_ID),
         )

@@ -77,8 +77,9 @@ class CodeCapture:
         module = sys.modules.get(module_name)
         if module is None or _resolve(module, qualname) is not obj:
             raise CodeCaptureError(
-                f"{label}: {module_name}.{qualname} cannot be found by importing it; define it at "
-                "module level under its own name."
+                f"{label}: {module_name}.{qualname} is not the object that importing "
+                f"{module_name} gives. Define it at module level under its own name. A step of a "
+                "model loaded from MLflow cannot be captured again: save from the training code."
             )
         self.add_module(module_name, label)
         return f"{module_name}:{qualname}"
