@@ -149,7 +149,8 @@ def example_length(example: Any) -> int:
 
 
 def uncollate(outputs: Any, size: int) -> list[Any]:
-    """Split batch outputs (a tensor, or a tuple/list/dict of tensors) into ``size`` examples."""
+    """Split batch outputs into ``size`` examples: a tensor along its first dimension, a tuple or
+    dict of tensors member-wise; a list is taken as already one entry per example."""
     if isinstance(outputs, torch.Tensor):
         if outputs.dim() == 0 or outputs.shape[0] != size:
             raise ValueError(
@@ -160,7 +161,12 @@ def uncollate(outputs: Any, size: int) -> list[Any]:
     if isinstance(outputs, dict):
         columns = {k: uncollate(v, size) for k, v in outputs.items()}
         return [{k: columns[k][i] for k in columns} for i in range(size)]
-    if isinstance(outputs, (tuple, list)):
+    if isinstance(outputs, list):
+        # A strategy that already returns one entry per example (e.g. decoded token lists).
+        if len(outputs) != size:
+            raise ValueError(f"The forward strategy returned {len(outputs)} outputs for {size} examples.")
+        return outputs
+    if isinstance(outputs, tuple):
         columns_seq = [uncollate(v, size) for v in outputs]
         return [tuple(column[i] for column in columns_seq) for i in range(size)]
     raise TypeError(f"Cannot split a module output of type {type(outputs).__name__} into examples.")

@@ -175,3 +175,28 @@ def test_a_logged_model_that_fails_parity_is_not_logged(tracking, tmp_path, text
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("noisy", None)
+
+
+def test_a_torch_export_program_and_several_named_modules_save_and_reload(tmp_path, text_model, scripted_net):
+    from sample_steps import LABELS, BagOfIds
+
+    torch.manual_seed(0)
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
+    program = torch.export.export(
+        BagOfIds(vocab_size=64, classes=len(LABELS)).eval(),
+        (torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])),
+        dynamic_shapes=({0: batch, 1: length}, {0: batch}),
+    )
+    model = fm.FullModel(
+        preprocess=text_model.preprocess_steps,
+        module={"exported": program, "scripted": scripted_net},
+        forward=fm.CallModule(module="exported"),
+        postprocess=text_model.postprocess_steps,
+    )
+    fm.save_model(model, str(tmp_path / "m"), input_example=EXAMPLE_TEXTS)  # parity check included
+    mlmodel = yaml.safe_load((tmp_path / "m" / "MLmodel").read_text())
+    assert mlmodel["flavors"]["fullmodel"]["modules"] == {"exported": "torch.export", "scripted": "torchscript"}
+    assert (tmp_path / "m" / "fullmodel" / "modules" / "exported.pt2").exists()
+    loaded = fm.load_model(str(tmp_path / "m"))
+    texts = EXAMPLE_TEXTS + ["a much longer text than any example " * 4]
+    pd.testing.assert_frame_equal(loaded.predict(texts, params={"k": 2}), model.predict(texts, params={"k": 2}))

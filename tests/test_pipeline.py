@@ -158,6 +158,9 @@ class TestPadCollate:
     def test_uncollate_splits_tensors_tuples_and_dicts_per_example(self):
         rows = uncollate({"a": torch.arange(4).reshape(2, 2), "b": (torch.tensor([5, 6]),)}, 2)
         assert rows[1]["a"].tolist() == [2, 3] and rows[1]["b"][0].item() == 6
+        assert uncollate([["x"], ["y", "z"]], 2) == [["x"], ["y", "z"]]
+        with pytest.raises(ValueError, match="returned 1 outputs for 2 examples"):
+            uncollate([["x"]], 2)
 
 
 def test_a_torch_export_program_gives_the_same_answers_as_torchscript(spm_path, text_model):
