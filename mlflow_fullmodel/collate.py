@@ -93,12 +93,9 @@ class PadCollate(Configurable):
                 "tensors are padded. Resize or crop them to one shape in pre-processing."
             )
         sizes = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
-        out = tensors[0].new_full((len(tensors), int(sizes.max())), self.pad_value)
-        for row, t in enumerate(tensors):
-            if self.pad_side == "right":
-                out[row, : t.shape[0]] = t
-            else:
-                out[row, out.shape[1] - t.shape[0] :] = t
+        out = torch.nn.utils.rnn.pad_sequence(
+            tensors, batch_first=True, padding_value=self.pad_value, padding_side=self.pad_side
+        )
         if not lengths:
             lengths.append(sizes)
         return out

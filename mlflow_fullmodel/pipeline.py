@@ -20,7 +20,7 @@ from mlflow_fullmodel.forward import CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import ModuleSet, resolve_device
 from mlflow_fullmodel.transform import Configurable, Param, Transform
 
-__all__ = ["FullModel"]
+__all__ = ["FullModel", "answers_frame", "apply_step"]
 
 #: Output column used when post-processing returns a single value instead of a dict.
 PREDICTION_COLUMN = "prediction"
@@ -176,11 +176,13 @@ class FullModel:
             for i, output in zip(indices, uncollate(batch_outputs, len(indices))):
                 outputs[i] = output
         answers = self.postprocess(outputs, values)
-        return _to_frame(answers)
+        return answers_frame(answers)
 
     def rows(self, data: Any) -> list[Any]:
         """The raw inputs of ``data``, one per row: a value, or a dict when there are several
         input columns."""
+        if isinstance(data, pd.DataFrame):
+            return self._frame_rows(data)
         records = _records(data, self.input_columns)
         for index, record in enumerate(records):
             for column in self.input_columns:
@@ -195,8 +197,31 @@ class FullModel:
             return [record[self.input_columns[0]] for record in records]
         return [{c: record[c] for c in self.input_columns} for record in records]
 
+    def _frame_rows(self, frame: pd.DataFrame) -> list[Any]:
+        # Column-wise: the scoring server hands every request over as a DataFrame.
+        columns = self.input_columns
+        if len(columns) == 1 and columns[0] not in frame.columns and len(frame.columns) == 1:
+            frame = frame.set_axis(columns, axis=1)  # an unnamed single column, e.g. from a list
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise InputError(
+                f"Missing column(s) {missing}; the model expects columns {columns}, got "
+                f"{[str(c) for c in frame.columns]}."
+            )
+        for column in columns:
+            nulls = frame[column].isna().to_numpy()
+            if nulls.any():
+                raise InputError(f"Row {int(nulls.argmax())}, column '{column}': value is missing (null).")
+        if len(columns) == 1:
+            return frame[columns[0]].tolist()
+        return frame[columns].to_dict(orient="records")
+
     def preprocess(self, rows: Sequence[Any], params: Mapping[str, Any]) -> list[Any]:
-        return [_apply(self.preprocess_steps, "preprocess", row, index, params) for index, row in enumerate(rows)]
+        """Apply each pre-processing step to all rows, in order (see ``Transform.batch``)."""
+        values = list(rows)
+        for index, step in enumerate(self.preprocess_steps):
+            values = apply_step(step, f"preprocess[{index}]", values, params)
+        return values
 
     def plan_batches(self, examples: Sequence[Any]) -> list[list[int]]:
         """Row indices grouped into batches of similar length, so little of a batch is padding."""
@@ -215,7 +240,11 @@ class FullModel:
         return _to_cpu(outputs)
 
     def postprocess(self, outputs: Sequence[Any], params: Mapping[str, Any]) -> list[Any]:
-        return [_apply(self.postprocess_steps, "postprocess", out, index, params) for index, out in enumerate(outputs)]
+        """Apply each post-processing step to all rows' outputs, in order."""
+        values = list(outputs)
+        for index, step in enumerate(self.postprocess_steps):
+            values = apply_step(step, f"postprocess[{index}]", values, params)
+        return values
 
 
 def _instantiate(step: Any, stage: str, index: int) -> Transform:
@@ -233,18 +262,25 @@ def _own(step: Configurable, params: Mapping[str, Any]) -> dict[str, Any]:
     return {name: params[name] for name in step.params()}
 
 
-def _apply(steps: Sequence[Transform], stage: str, value: Any, row: int, params: Mapping[str, Any]) -> Any:
-    for index, step in enumerate(steps):
+def apply_step(step: Transform, where: str, values: list[Any], params: Mapping[str, Any]) -> list[Any]:
+    """``step`` over all rows at once; if that fails, row by row, so that the error names the row
+    at fault and the step."""
+    own = _own(step, params)
+    try:
+        return step.batch(values, **own)
+    except Exception:
+        pass  # find the row at fault below
+    results = []
+    for row, value in enumerate(values):
         try:
-            value = step(value, **_own(step, params))
+            results.append(step(value, **own))
         except FullModelError as error:
-            raise type(error)(f"Row {row}: {stage}[{index}] {type(step).__name__}: {error}") from error
+            raise type(error)(f"Row {row}: {where} {type(step).__name__}: {error}") from error
         except Exception as error:
             raise InputError(
-                f"Row {row}: {stage}[{index}] {type(step).__name__} failed: "
-                f"{type(error).__name__}: {error}"
+                f"Row {row}: {where} {type(step).__name__} failed: {type(error).__name__}: {error}"
             ) from error
-    return value
+    return results
 
 
 def _records(data: Any, columns: list[str]) -> list[dict[str, Any]]:
@@ -308,7 +344,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _to_frame(answers: list[Any]) -> pd.DataFrame:
+def answers_frame(answers: list[Any]) -> pd.DataFrame:
+    """One row per answer: the dicts' keys become the columns (a bare value: ``prediction``)."""
     rows = [a if isinstance(a, dict) else {PREDICTION_COLUMN: a} for a in answers]
     if rows:
         columns = list(rows[0])

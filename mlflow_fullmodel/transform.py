@@ -272,6 +272,12 @@ class Transform(Configurable):
     def __call__(self, x: Any, **params: Any) -> Any:
         raise NotImplementedError(f"{type(self).__qualname__} must implement __call__(self, x).")
 
+    def batch(self, xs: list[Any], **params: Any) -> list[Any]:
+        """The transform applied to many examples; override where one vectorised call beats a
+        loop. It must give what ``[self(x) for x in xs]`` gives. If it raises, FullModel falls
+        back to calling the transform row by row, so errors can still name the row."""
+        return [self(x, **params) for x in xs]
+
 
 class FunctionTransform(Transform):
     """A transform made from a plain function by the ``@transform`` decorator."""

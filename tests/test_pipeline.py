@@ -79,8 +79,10 @@ def test_a_param_reaches_the_preprocess_step_that_declared_it(spm_path, scripted
 
 
 def test_a_missing_column_is_an_error_naming_the_row_and_the_expected_columns(text_model):
-    with pytest.raises(fm.InputError, match=r"Row 0 has no column 'text'; the model expects columns \['text'\]"):
+    with pytest.raises(fm.InputError, match=r"Missing column\(s\) \['text'\]; the model expects columns \['text'\], got \['review', 'other'\]"):
         text_model.predict(pd.DataFrame({"review": ["x"], "other": [1]}))
+    with pytest.raises(fm.InputError, match=r"Row 1 has no column 'text'; the model expects columns \['text'\]"):
+        text_model.predict([{"text": "x"}, {"review": "y"}])
 
 
 def test_a_null_value_is_an_error_naming_row_and_column(text_model):

@@ -37,21 +37,29 @@ class TopK(Transform):
             raise ConfigError(f"TopK: k must be an int from 1 to {len(labels)}, got {default_k!r}.")
 
     def __call__(self, scores: torch.Tensor, **params: Any) -> dict[str, Any]:
+        return self.batch([scores], **params)[0]
+
+    def batch(self, rows: list[torch.Tensor], **params: Any) -> list[dict[str, Any]]:
         k = params.get("k", self.k.default if isinstance(self.k, Param) else self.k)
         if not 1 <= k <= len(self.labels):
             raise ParamError(f"Parameter 'k' must be from 1 to {len(self.labels)}, got {k}.")
-        if scores.shape != (len(self.labels),):
-            raise ConfigError(
-                f"TopK: the module returned {tuple(scores.shape)} scores per row for "
-                f"{len(self.labels)} labels."
-            )
-        probabilities = torch.softmax(scores.double(), dim=0) if self.softmax else scores.double()
-        values, indices = torch.topk(probabilities, k)
-        top_labels = [self.labels[i] for i in indices.tolist()]
-        top_probabilities = values.tolist()
-        return {
-            "label": top_labels[0],
-            "probability": top_probabilities[0],
-            "top_labels": top_labels,
-            "top_probabilities": top_probabilities,
-        }
+        for scores in rows:
+            if scores.shape != (len(self.labels),):
+                raise ConfigError(
+                    f"TopK: the module returned {tuple(scores.shape)} scores per row for "
+                    f"{len(self.labels)} labels."
+                )
+        # All rows in one softmax and one topk.
+        scores = torch.stack(rows).double()
+        probabilities = torch.softmax(scores, dim=1) if self.softmax else scores
+        values, indices = torch.topk(probabilities, k, dim=1)
+        answers = []
+        for top_values, top_indices in zip(values.tolist(), indices.tolist()):
+            top_labels = [self.labels[i] for i in top_indices]
+            answers.append({
+                "label": top_labels[0],
+                "probability": top_values[0],
+                "top_labels": top_labels,
+                "top_probabilities": top_values,
+            })
+        return answers
