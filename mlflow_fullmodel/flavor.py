@@ -28,8 +28,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-import mlflow
 import pandas as pd
+import torch
 import yaml
 from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
@@ -59,6 +59,7 @@ from mlflow.utils.model_utils import (
 )
 
 import mlflow_fullmodel
+from mlflow_fullmodel.batching import MicroBatcher
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ParamError
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
 from mlflow_fullmodel.pipeline import FullModel
@@ -191,8 +192,9 @@ def _write_model(
         code=_CODE_SUBPATH,
         conda_env=_CONDA_ENV_FILE_NAME,
         python_env=_PYTHON_ENV_FILE_NAME,
-        # Declared so that MLflow passes a load-time override through (it drops unknown keys).
-        model_config={"device": "cpu"},
+        # Declared so that MLflow passes load-time overrides through (it drops unknown keys);
+        # None means: the MLFLOW_FULLMODEL_* environment variable, else the default.
+        model_config=dict.fromkeys(_SERVING_DEFAULTS),
     )
     mlflow_model.add_flavor(
         FLAVOR_NAME,
@@ -376,30 +378,71 @@ def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu")
 class _FullModelWrapper:
     """The pyfunc face of a FullModel: bad requests become HTTP 400 with a message, not a trace."""
 
-    def __init__(self, fullmodel: FullModel) -> None:
+    def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None) -> None:
         self.fullmodel = fullmodel
+        self.batcher = batcher
 
     def get_raw_model(self) -> FullModel:
         return self.fullmodel
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         try:
+            if self.batcher is not None:
+                return self.batcher.predict(data, params=params)
             return self.fullmodel.predict(data, params=params)
         except (InputError, ParamError) as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
 
 
-def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _FullModelWrapper:
-    """Called by ``mlflow.pyfunc.load_model``. ``model_config={"device": "cuda"}`` picks the device;
-    for ``mlflow models serve`` set ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cuda"}'``."""
-    config = dict(model_config or {})
-    device = config.pop("device", "cpu")
-    if config:
+#: Serving settings: pyfunc ``model_config`` key -> (environment variable, default, type).
+_SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
+    "device": ("MLFLOW_FULLMODEL_DEVICE", "cpu", str),
+    "batching": ("MLFLOW_FULLMODEL_BATCHING", True, bool),
+    "max_batch_size": ("MLFLOW_FULLMODEL_MAX_BATCH_SIZE", None, int),  # None: the model's batch_size
+    "max_wait_ms": ("MLFLOW_FULLMODEL_MAX_WAIT_MS", 2.0, float),
+    "num_threads": ("MLFLOW_FULLMODEL_NUM_THREADS", None, int),  # None: torch's default
+}
+
+
+def serving_config(model_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Resolve each serving setting: ``model_config``, else its environment variable, else the
+    default. Unknown keys and unparsable values are errors naming them."""
+    config = {k: v for k, v in (model_config or {}).items() if v is not None}
+    unknown = sorted(set(config) - set(_SERVING_DEFAULTS))
+    if unknown:
         raise MlflowException(
-            f"Unknown model_config key(s) {sorted(config)} for a fullmodel model; valid keys: ['device'].",
+            f"Unknown model_config key(s) {unknown} for a fullmodel model; valid keys: "
+            f"{sorted(_SERVING_DEFAULTS)}.",
             error_code=INVALID_PARAMETER_VALUE,
         )
+    resolved = {}
+    for key, (variable, default, kind) in _SERVING_DEFAULTS.items():
+        value = config.get(key, os.environ.get(variable, default))
+        if isinstance(value, str) and kind is not str:
+            try:
+                value = value.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
+            except ValueError:
+                raise MlflowException(
+                    f"{key} ({variable}) must be a {kind.__name__}, got {value!r}.",
+                    error_code=INVALID_PARAMETER_VALUE,
+                ) from None
+        resolved[key] = value
+    return resolved
+
+
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _FullModelWrapper:
+    """Called by ``mlflow.pyfunc.load_model``. ``model_config`` (or, for ``mlflow models serve``,
+    the ``MLFLOW_FULLMODEL_*`` environment variables) sets ``device``, ``batching``,
+    ``max_batch_size``, ``max_wait_ms`` and ``num_threads``."""
+    config = serving_config(model_config)
+    if config["num_threads"]:
+        torch.set_num_threads(config["num_threads"])
     try:
-        return _FullModelWrapper(load_fullmodel(path, device=device))
+        fullmodel = load_fullmodel(path, device=config["device"])
     except FullModelError as error:
         raise MlflowException(str(error)) from error
+    batcher = None
+    if config["batching"]:
+        batcher = MicroBatcher(fullmodel, max_batch_size=config["max_batch_size"] or fullmodel.batch_size,
+                               max_wait_ms=config["max_wait_ms"])
+    return _FullModelWrapper(fullmodel, batcher)

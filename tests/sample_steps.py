@@ -67,3 +67,20 @@ def train_tokenizer(texts: list[str], prefix: str, vocab_size: int = 64) -> str:
         bos_id=2, eos_id=3, hard_vocab_limit=False, minloglevel=2,
     )
     return prefix + ".model"
+
+
+class ParseIds(fm.Transform):
+    """"3 14 15" -> tensor([3, 14, 15]): lets a test send ids the network cannot embed."""
+
+    def __call__(self, text: str) -> torch.Tensor:
+        return torch.tensor([int(token) for token in text.split()], dtype=torch.long)
+
+
+class ScaledCall(fm.CallModule):
+    """Call the module and multiply its scores by ``scale``: a forward step with a runtime param."""
+
+    def __init__(self, module: str = "main", scale: float | fm.Param = 1.0) -> None:
+        pass
+
+    def __call__(self, modules, batch, device, scale: float = 1.0):
+        return super().__call__(modules, batch, device) * scale

@@ -200,3 +200,31 @@ def test_a_torch_export_program_and_several_named_modules_save_and_reload(tmp_pa
     loaded = fm.load_model(str(tmp_path / "m"))
     texts = EXAMPLE_TEXTS + ["a much longer text than any example " * 4]
     pd.testing.assert_frame_equal(loaded.predict(texts, params={"k": 2}), model.predict(texts, params={"k": 2}))
+
+
+class TestServingConfig:
+    def test_model_config_wins_over_the_environment_which_wins_over_defaults(self, monkeypatch):
+        from mlflow_fullmodel.flavor import serving_config
+
+        monkeypatch.setenv("MLFLOW_FULLMODEL_MAX_WAIT_MS", "7.5")
+        monkeypatch.setenv("MLFLOW_FULLMODEL_BATCHING", "false")
+        config = serving_config({"max_batch_size": 16, "device": None})
+        assert config == {"device": "cpu", "batching": False, "max_batch_size": 16, "max_wait_ms": 7.5, "num_threads": None}
+        assert serving_config({"max_wait_ms": 1})["max_wait_ms"] == 1
+
+    def test_a_value_that_does_not_parse_is_an_error_naming_the_variable(self, monkeypatch):
+        from mlflow_fullmodel.flavor import serving_config
+
+        monkeypatch.setenv("MLFLOW_FULLMODEL_MAX_BATCH_SIZE", "lots")
+        with pytest.raises(mlflow.exceptions.MlflowException, match=r"max_batch_size \(MLFLOW_FULLMODEL_MAX_BATCH_SIZE\) must be a int"):
+            serving_config(None)
+
+    def test_pyfunc_serves_through_the_batcher_unless_switched_off(self, saved_model, text_model):
+        batched = mlflow.pyfunc.load_model(str(saved_model), model_config={"max_batch_size": 3})
+        plain = mlflow.pyfunc.load_model(str(saved_model), model_config={"batching": False})
+        assert batched._model_impl.batcher.max_batch_size == 3
+        assert plain._model_impl.batcher is None
+        frame = pd.DataFrame({"text": EXAMPLE_TEXTS * 3})
+        expected = text_model.predict(EXAMPLE_TEXTS * 3, params={"k": 2})
+        for model in (batched, plain):
+            pd.testing.assert_frame_equal(model.predict(frame, params={"k": 2}), expected)
