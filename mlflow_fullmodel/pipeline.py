@@ -331,8 +331,15 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
+_PLAIN_TYPES = (str, int, float, bool, type(None), bytes)
+
+
 def _plain(value: Any) -> Any:
     """Tensors and numpy values as Python values, so answers serialise to JSON as they are."""
+    if isinstance(value, _PLAIN_TYPES):
+        return value
+    if isinstance(value, (list, tuple)) and all(type(v) in _PLAIN_TYPES for v in value):
+        return list(value)
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return value.tolist()
     if isinstance(value, np.generic):

@@ -60,13 +60,19 @@ class SentencePieceEncode(Transform):
     def batch(self, texts: list[str]) -> list[torch.Tensor]:
         if not all(isinstance(text, str) for text in texts):
             raise InputError("expected strings")  # FullModel retries row by row to name the row
-        # One call into the C++ encoder for all rows; one thread, since requests run in parallel.
-        return [self._finish(ids) for ids in self._processor.Encode(texts, num_threads=1)]
+        # One call into the C++ encoder for all rows (one thread: requests run in parallel), and
+        # one tensor for all ids, split into per-row views instead of a tensor built per row.
+        rows = [self._bounded(ids) for ids in self._processor.Encode(texts, num_threads=1)]
+        flat = torch.tensor([i for ids in rows for i in ids], dtype=torch.long)
+        return list(flat.split([len(ids) for ids in rows]))
 
     def _finish(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(self._bounded(ids), dtype=torch.long)
+
+    def _bounded(self, ids: list[int]) -> list[int]:
+        """Truncate to ``max_length`` with room for BOS/EOS, and add them."""
         processor = self._processor
-        budget = self.max_length - self.add_bos - self.add_eos
-        ids = ids[:budget]
+        ids = ids[: self.max_length - self.add_bos - self.add_eos]
         if self.add_bos:
             ids = [processor.bos_id(), *ids]
         if self.add_eos:
@@ -74,7 +80,7 @@ class SentencePieceEncode(Transform):
         if not ids:
             # Nothing for the model to read: an answer would be noise, so say so.
             raise InputError("the text has no tokens (it is empty or only whitespace)")
-        return torch.tensor(ids, dtype=torch.long)
+        return ids
 
 
 class SentencePieceDecode(Transform):

@@ -1,0 +1,57 @@
+"""Shared pieces of the benchmarks: building and saving both models, timing, reporting."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+
+import mlflow_fullmodel as fm
+from benchmarks.models import Subject, build, texts
+
+HERE = Path(__file__).resolve().parent
+WORKDIR = Path(os.environ.get("BENCH_DIR", "/tmp/mlflow-fullmodel-bench"))
+
+
+def subject(name: str) -> Subject:
+    return build(name, str(WORKDIR / name))
+
+
+def saved_models(subject: Subject) -> dict[str, str]:
+    """Both models saved as MLflow models: {"fullmodel": path, "handwritten": path}."""
+    paths = {"fullmodel": WORKDIR / subject.name / "fullmodel", "handwritten": WORKDIR / subject.name / "handwritten"}
+    if not paths["fullmodel"].exists():
+        fm.save_model(subject.fullmodel, str(paths["fullmodel"]), input_example=texts(4, seed=9))
+    if not paths["handwritten"].exists():
+        mlflow.pyfunc.save_model(
+            str(paths["handwritten"]), python_model=str(HERE / "handwritten.py"),
+            artifacts={"spm": subject.spm, "net": str(WORKDIR / subject.name / f"{subject.name}.pt")},
+            input_example=texts(4, seed=9),
+        )
+    return {k: str(v) for k, v in paths.items()}
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` runs, in seconds: the least disturbed by other load."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def table(rows: list[list[object]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = [" | ".join(str(x).ljust(w) for x, w in zip(header, widths))]
+    lines.append("-|-".join("-" * w for w in widths))
+    lines += [" | ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
