@@ -1,0 +1,57 @@
+"""Run every benchmark and record the results: `python -m benchmarks [--write]`.
+
+With --write, the tables and the machine they ran on are written to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import mlflow
+import torch
+
+from benchmarks import bench_batch, bench_coldstart, bench_serving
+from benchmarks.common import table
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"mlflow {mlflow.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--write", action="store_true", help="write benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    print(f"Machine: {machine()}")
+    batch = bench_batch.main()
+    limits = {row[0]: float(row[1]) for row in batch}
+    serving = bench_serving.main(limits)
+    cold = bench_coldstart.main()
+    if args.write:
+        text = [
+            "# Benchmark results", "",
+            f"Run on {datetime.date.today()}: {machine()}. Ratios are measured in the same run; "
+            "absolute numbers move with the machine's other load.", "",
+            "## Batch predict (rows/s, 512 mixed-length rows, best of 3)", "",
+            table(batch, ["model", "forward-only", "hand-written", "fullmodel", "fullmodel/limit", "fullmodel/hand"]), "",
+            "## Serving (`mlflow models serve`, one worker, single-row requests)", "",
+            table(serving, ["model", "clients", "hand req/s", "fullmodel req/s", "ratio", "fullmodel/limit",
+                            "hand p50 / p99 ms", "fullmodel p50 / p99 ms", "ratio p50 / p99", "CPU ms/req hand / fullmodel"]), "",
+            "## Cold start (s, load + first prediction, median of 3)", "",
+            table(cold, ["model", "hand-written", "fullmodel", "fullmodel/hand"]), "",
+        ]
+        path = Path(__file__).resolve().parent / "RESULTS.md"
+        previous = path.read_text() if path.exists() else ""
+        notes = previous.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in previous else "\n"
+        path.write_text("\n".join(text) + "<!-- notes -->" + notes)
+        print(f"\nWrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Benchmark 2: serving. The fullmodel flavor and the hand-written PythonModel, each under
+`mlflow models serve` (one worker) on loopback, single-row requests from 1, 8 and 32 concurrent
+clients, a bounded number of requests per level: requests/s, p50 and p99 latency, server CPU per
+request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+from benchmarks.common import percentile, saved_models, subject, table
+from benchmarks.models import texts
+
+CLIENTS = (1, 8, 32)
+REQUESTS_PER_CLIENT = {1: 200, 8: 60, 32: 25}
+WARMUP = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(path: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    environment = dict(os.environ, **(env or {}))
+    environment["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environment.get("PATH", "")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", path, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/ping", timeout=1)
+            return process, url
+        except OSError:
+            time.sleep(0.3)
+    stop_server(process)
+    raise RuntimeError(f"server for {path} did not start")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU time of every process in the server's process group."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat, after pid and comm
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+async def load(url: str, clients: int, per_client: int, bodies: list[bytes]) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def client(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(per_client):
+                body = rng.choice(bodies)
+                started = time.perf_counter()
+                async with session.post(f"{url}/invocations", data=body,
+                                        headers={"Content-Type": "application/json"}) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"HTTP {response.status}")
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        return time.perf_counter() - started, latencies
+
+
+def measure(path: str, bodies: list[bytes]) -> dict[int, dict[str, float]]:
+    process, url = start_server(path)
+    try:
+        asyncio.run(load(url, 4, WARMUP // 4, bodies))
+        results = {}
+        for clients in CLIENTS:
+            per_client = REQUESTS_PER_CLIENT[clients]
+            cpu_before = group_cpu_seconds(process.pid)
+            wall, latencies = asyncio.run(load(url, clients, per_client, bodies))
+            cpu = group_cpu_seconds(process.pid) - cpu_before
+            count = clients * per_client
+            results[clients] = {"rps": count / wall, "p50": percentile(latencies, 50) * 1000,
+                                "p99": percentile(latencies, 99) * 1000, "cpu_ms": cpu / count * 1000}
+        return results
+    finally:
+        stop_server(process)
+
+
+def main(limits: dict[str, float] | None = None) -> list[list[object]]:
+    bodies = [json.dumps({"dataframe_records": [{"text": t}]}).encode() for t in texts(300, seed=5)]
+    rows = []
+    for size in ("tiny", "medium"):
+        paths = saved_models(subject(size))
+        hand = measure(paths["handwritten"], bodies)
+        ours = measure(paths["fullmodel"], bodies)
+        for clients in CLIENTS:
+            h, o = hand[clients], ours[clients]
+            limit = limits.get(size) if limits else None
+            rows.append([
+                size, clients, f"{h['rps']:.0f}", f"{o['rps']:.0f}", f"{o['rps'] / h['rps']:.2f}",
+                f"{o['rps'] / limit:.2f}" if limit else "-",
+                f"{h['p50']:.1f} / {h['p99']:.1f}", f"{o['p50']:.1f} / {o['p99']:.1f}",
+                f"{o['p50'] / h['p50']:.2f} / {o['p99'] / h['p99']:.2f}",
+                f"{h['cpu_ms']:.1f} / {o['cpu_ms']:.1f}",
+            ])
+    print("\nServing, single-row requests, one worker (latency in ms; CPU ms per request)")
+    print(table(rows, ["model", "clients", "hand req/s", "fullmodel req/s", "ratio", "fullmodel/limit",
+                       "hand p50 / p99", "fullmodel p50 / p99", "ratio p50 / p99", "CPU hand / fullmodel"]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
