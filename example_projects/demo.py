@@ -8,6 +8,7 @@ Runs against MLFLOW_TRACKING_URI, by default sqlite:///mlflow.db in the working 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -22,15 +23,33 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-#: Each example: its folder, its registered model name, and one request for it.
-EXAMPLES = [
-    (
-        "text_classifier",
-        "text-classifier",
-        {"dataframe_records": [{"text": "What a wonderful, brilliant film!"}, {"text": "Dull and boring."}],
-         "params": {"k": 2}},
-    ),
-]
+
+def digit_png_base64(index: int = 0) -> tuple[str, str]:
+    """One of scikit-learn's bundled digits as a base64 PNG (as a JSON request carries images),
+    and its true label."""
+    sys.path.insert(0, str(HERE / "image_classifier"))
+    try:
+        from digits import load_pngs
+    finally:
+        sys.path.pop(0)
+    images, labels = load_pngs()
+    return base64.b64encode(images[index]).decode("ascii"), labels[index]
+
+
+def examples() -> list[tuple[str, str, dict]]:
+    """Each example: its folder, its registered model name, and one request for it."""
+    image, label = digit_png_base64(0)
+    logger.info("The image request sends a handwritten %s.", label)
+    return [
+        ("text_classifier", "text-classifier",
+         {"dataframe_records": [{"text": "What a wonderful, brilliant film!"}, {"text": "Dull and boring."}],
+          "params": {"k": 2}}),
+        ("image_classifier", "image-classifier",
+         {"dataframe_records": [{"image": image}], "params": {"tta": 16, "seed": 1, "k": 3}}),
+        ("translator", "translator",
+         {"dataframe_records": [{"source": "1,234"}, {"source": "42"}], "params": {"n_best": 3}}),
+    ]
+
 
 logger = logging.getLogger("demo")
 
@@ -73,7 +92,9 @@ def run_example(folder: str, registered_name: str, payload: dict, env: dict[str,
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", server)
         answer = post(f"http://127.0.0.1:{port}/invocations", payload)
-        print(f"\n$ curl -s 127.0.0.1:{port}/invocations -H 'Content-Type: application/json' -d '{json.dumps(payload)}'")
+        shown = json.dumps(payload)
+        shown = shown if len(shown) < 300 else shown[:150] + " ... " + shown[-100:]
+        print(f"\n{folder}: POST /invocations {shown}")
         print(json.dumps(answer, indent=2))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -86,7 +107,7 @@ def main() -> None:
     env.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     # `mlflow models serve --env-manager local` starts uvicorn from PATH.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    for folder, registered_name, payload in EXAMPLES:
+    for folder, registered_name, payload in examples():
         run_example(folder, registered_name, payload, env)
 
 

@@ -35,7 +35,8 @@ from mlflow_fullmodel.exceptions import (
     ParamError,
     ParityError,
 )
-from mlflow_fullmodel.forward import CallModule, ForwardStrategy
+from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
+from mlflow_fullmodel.forward import AverageOverSamples, CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import script
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.transform import Artifact, Param, Transform, transform
@@ -44,7 +45,9 @@ _FLAVOR_FUNCTIONS = {"save_model", "log_model", "load_model", "get_default_pip_r
 
 __all__ = [
     "Artifact",
+    "AverageOverSamples",
     "Batch",
+    "BeamSearch",
     "CallModule",
     "CodeCaptureError",
     "ConfigError",
@@ -52,6 +55,7 @@ __all__ = [
     "ForwardStrategy",
     "FullModel",
     "FullModelError",
+    "GreedySearch",
     "InputError",
     "IntegrityError",
     "ModelFormatError",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+import torch
 
 from mlflow_fullmodel.collate import example_length, uncollate
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError
@@ -41,6 +42,18 @@ class _Job:
 
     def __post_init__(self) -> None:
         self.outputs = [None] * len(self.examples)
+
+
+def _structure(example: Any) -> Hashable:
+    """What must agree for examples to collate together: nesting, dtypes, and the shape of every
+    tensor that is not padded (padding handles 1-D tensors of any length)."""
+    if isinstance(example, dict):
+        return tuple((key, _structure(value)) for key, value in example.items())
+    if isinstance(example, (tuple, list)) and not all(isinstance(v, (int, float)) for v in example):
+        return tuple(_structure(value) for value in example)
+    if isinstance(example, torch.Tensor):
+        return (str(example.dtype), tuple(example.shape) if example.dim() != 1 else -1)
+    return type(example).__name__
 
 
 class MicroBatcher:
@@ -98,9 +111,11 @@ class MicroBatcher:
         if not examples:
             return []
         # Only the parameters of the collate and forward steps change a batch's results, so
-        # requests that agree on those may share batches whatever their other parameters.
+        # requests that agree on those may share batches whatever their other parameters; and
+        # only examples of one structure can be collated together (a tta param changes shapes).
         shared = {**self.model.collate_fn.params(), **self.model.forward_strategy.params()}
-        job = _Job(examples, values, key=tuple(sorted((name, values[name]) for name in shared)))
+        key = (tuple(sorted((name, values[name]) for name in shared)), _structure(examples[0]))
+        job = _Job(examples, values, key=key)
         with self._condition:
             self._start_worker()
             self._pending.append(job)

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from mlflow_fullmodel.collate import Batch
+from mlflow_fullmodel.exceptions import ConfigError
 from mlflow_fullmodel.modules import MAIN, ModuleSet
 from mlflow_fullmodel.transform import Configurable
 
-__all__ = ["CallModule", "ForwardStrategy"]
+__all__ = ["AverageOverSamples", "CallModule", "ForwardStrategy"]
 
 
 class ForwardStrategy(Configurable):
@@ -58,3 +59,56 @@ class CallModule(ForwardStrategy):
             args = args + tuple(kwargs[n] for n in names[len(args) :] if n in kwargs)
             kwargs = {}
         return run(*args, **kwargs)
+
+
+class AverageOverSamples(ForwardStrategy):
+    """Test-time augmentation: run the module on every sample of every example and average the
+    class probabilities over the samples.
+
+    The batch is ``(B, S, ...)``: ``S`` samples (e.g. the crops of ``RandomCrops``) per example.
+    It is flattened to ``(B * S, ...)`` for one module call, the scores ``(B * S, classes)`` are
+    reshaped to ``(B, S, classes)``, turned into probabilities and averaged to ``(B, classes)``.
+    ``S`` is whatever pre-processing produced, so the number of samples is a parameter of that
+    step, not of this one. Post-process with ``TopK(..., softmax=False)``: the output is already
+    probabilities (float64).
+
+    Args:
+        module: The name of the module to call (``"main"`` when the FullModel has one module).
+        softmax: Apply a softmax to the module's scores before averaging; False when the module
+            already returns probabilities.
+
+    Example::
+
+        FullModel(
+            preprocess=[DecodeImage(), Resize(32), ToTensor(), RandomCrops(28, tta=Param(8), seed=Param(0))],
+            module=scripted,
+            forward=AverageOverSamples(),
+            postprocess=[TopK(labels=labels, softmax=False)],
+        )
+    """
+
+    def __init__(self, module: str = MAIN, softmax: bool = True) -> None:
+        if not isinstance(module, str) or not module:
+            raise ConfigError(f"AverageOverSamples: module must be a module name, got {module!r}.")
+        if not isinstance(softmax, bool):
+            raise ConfigError(f"AverageOverSamples: softmax must be True or False, got {softmax!r}.")
+
+    def __call__(self, modules: ModuleSet, batch: Batch, device: torch.device, **params: Any) -> Any:
+        inputs = batch.inputs
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() < 3:
+            got = f"shape {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ConfigError(
+                f"AverageOverSamples needs a batch tensor (examples, samples, ...), got {got}; "
+                "pre-processing must end in one tensor of samples per example (e.g. RandomCrops)."
+            )
+        examples, samples = inputs.shape[0], inputs.shape[1]
+        scores = modules.runnable(self.module, device)(inputs.reshape(examples * samples, *inputs.shape[2:]))
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[0] != examples * samples:
+            got = f"shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ConfigError(
+                f"AverageOverSamples: module '{self.module}' must return scores (inputs, classes) for "
+                f"{examples * samples} inputs, got {got}."
+            )
+        scores = scores.double().reshape(examples, samples, -1)
+        probabilities = torch.softmax(scores, dim=-1) if self.softmax else scores
+        return probabilities.mean(dim=1)

@@ -100,6 +100,9 @@ class ModuleSet(Mapping[str, Any]):
         except KeyError:
             raise ConfigError(f"No module named '{name}'; the modules are {list(self._modules)}.") from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._modules)
 

@@ -11,16 +11,44 @@ import mlflow_fullmodel as fm
 from mlflow_fullmodel.collate import PadCollate
 from mlflow_fullmodel.forward import CallModule
 from mlflow_fullmodel.storage.folder import _decode_config, _encode_config, _Plan
-from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
+from mlflow_fullmodel.transforms import (
+    CenterCrop,
+    DecodeImage,
+    NormalizeImage,
+    RandomCrops,
+    Resize,
+    SentencePieceDecode,
+    SentencePieceEncode,
+    ToTensor,
+    TopK,
+)
 
 
 def builtin_steps(spm_path: str) -> list[fm.transform.Configurable]:
+    """One configured instance of every built-in step; a new built-in belongs here."""
     return [
         SentencePieceEncode(fm.Artifact(spm_path), max_length=8, add_bos=True, add_eos=True),
+        SentencePieceDecode(fm.Artifact(spm_path), column="summary"),
         TopK(labels=["a", "b", "c"], k=fm.Param(2)),
+        DecodeImage(mode="L", max_pixels=10_000),
+        Resize([20, 30], interpolation="nearest"),
+        CenterCrop(16),
+        RandomCrops(8, tta=fm.Param(4, minimum=1), seed=fm.Param(7)),
+        ToTensor(),
+        NormalizeImage(mean=[0.5], std=[0.25]),
         PadCollate(pad_value=3, pad_side="left"),
-        CallModule(),
+        CallModule(module="encoder"),
+        fm.AverageOverSamples(softmax=False),
+        fm.GreedySearch(bos_id=1, eos_id=2, pad_id=0, max_length=fm.Param(9, minimum=1)),
+        fm.BeamSearch(beam_size=fm.Param(3, minimum=1), n_best=fm.Param(2, minimum=1), length_penalty=0.5),
     ]
+
+
+def test_every_builtin_step_module_is_listed_in_the_contract_check(spm_path):
+    import mlflow_fullmodel.transforms as builtins
+
+    listed = {type(step).__name__ for step in builtin_steps(spm_path)}
+    assert set(builtins.__all__) <= listed
 
 
 def test_every_builtin_step_round_trips_through_json_to_an_equal_step(spm_path, tmp_path):

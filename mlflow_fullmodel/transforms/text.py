@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mlflow_fullmodel.exceptions import InputError
+from mlflow_fullmodel.exceptions import ConfigError, InputError
 from mlflow_fullmodel.transform import Artifact, Transform
 
 __all__ = ["SentencePieceEncode"]
@@ -71,15 +71,15 @@ class SentencePieceEncode(Transform):
 
     def _bounded(self, ids: list[int]) -> list[int]:
         """Truncate to ``max_length`` with room for BOS/EOS, and add them."""
+        if not ids:
+            # Nothing for the model to read: an answer would be noise, so say so.
+            raise InputError("the text has no tokens (it is empty or only whitespace)")
         processor = self._processor
         ids = ids[: self.max_length - self.add_bos - self.add_eos]
         if self.add_bos:
             ids = [processor.bos_id(), *ids]
         if self.add_eos:
             ids = [*ids, processor.eos_id()]
-        if not ids:
-            # Nothing for the model to read: an answer would be noise, so say so.
-            raise InputError("the text has no tokens (it is empty or only whitespace)")
         return ids
 
 
@@ -135,8 +135,6 @@ class SentencePieceDecode(Transform):
             ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
             outside = [i for i in ids if not 0 <= int(i) < processor.get_piece_size()]
             if outside:
-                from mlflow_fullmodel.exceptions import ConfigError  # kept local: append-only edit
-
                 # A module whose output vocabulary is not this tokenizer's: the text would be wrong.
                 raise ConfigError(
                     f"SentencePieceDecode: candidate {index} has token id(s) {outside[:5]} outside the "
@@ -154,8 +152,6 @@ class SentencePieceDecode(Transform):
             for c in candidates
         ):
             return list(candidates)
-        from mlflow_fullmodel.exceptions import ConfigError  # kept local: append-only edit
-
         raise ConfigError(
             "SentencePieceDecode expects a list of (token_ids, score) candidates per example, as "
             f"GreedySearch and BeamSearch return, got {type(candidates).__name__}; use one of them "

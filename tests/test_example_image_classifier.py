@@ -1,0 +1,245 @@
+"""The image classifier example project, trained at tiny scale: two pre-processings registered as
+two versions of one model, loaded side by side, then the champion (seeded test-time augmentation)
+served over HTTP with base64 PNG files."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import requests
+from conftest import serve, stop
+
+import mlflow_fullmodel as fm
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "example_projects" / "image_classifier"
+NAME = "example-images"
+
+
+def _load_digits_module():
+    # Under its own name: the text example has modules of its own, and the test must not depend on
+    # what else is importable as "digits".
+    spec = importlib.util.spec_from_file_location("image_example_digits", EXAMPLE / "digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+digits = _load_digits_module()
+PNGS, LABELS = digits.load_pngs(40, seed=123)  # rendered like the training data; mostly held out
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def claimed_size_png(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header (with a valid CRC) claims ``width`` x ``height`` pixels."""
+    data = bytearray(PNGS[0][:8] + PNGS[0][8:33])  # signature + IHDR chunk
+    data[16:24] = struct.pack(">II", width, height)
+    data[24:26] = b"\x08\x00"  # 8-bit grayscale
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    idat = zlib.compress(b"\x00\x00")
+    chunk = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    return bytes(data) + chunk + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+@pytest.fixture(scope="module")
+def trained(tracking: str, tmp_path_factory) -> dict:
+    """One tiny training run of the example, as a user runs it: a script in its own process."""
+    workdir = tmp_path_factory.mktemp("image_classifier")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE / "train.py"), "--tiny", "--registered-model-name", NAME,
+         "--tracking-uri", tracking],
+        cwd=workdir, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=""),  # the script must find its own modules by itself
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"mlflow models serve -m models:/{NAME}@champion" in result.stdout
+    client = mlflow.MlflowClient()
+    versions = {v.tags["variant"]: v for v in client.search_model_versions(f"name='{NAME}'")}
+    runs = {variant: client.get_run(v.run_id) for variant, v in versions.items()}
+    return {"versions": versions, "runs": runs, "stdout": result.stdout}
+
+
+@pytest.fixture(scope="module")
+def models(trained) -> dict[str, fm.FullModel]:
+    return {variant: fm.load_model(f"models:/{NAME}/{v.version}") for variant, v in trained["versions"].items()}
+
+
+@pytest.fixture(scope="module")
+def server(trained, tracking: str):
+    """One `mlflow models serve` process for all HTTP tests of this module: the champion."""
+    process, url = serve(f"models:/{NAME}@champion", tracking)
+    yield url
+    stop(process)
+
+
+def post(url: str, payload: dict) -> requests.Response:
+    return requests.post(f"{url}/invocations", json=payload, timeout=60)
+
+
+def records(images: list[bytes], **params) -> dict:
+    payload: dict = {"dataframe_records": [{"image": b64(image)} for image in images]}
+    if params:
+        payload["params"] = params
+    return payload
+
+
+def accuracy(frame: pd.DataFrame, labels: list[str]) -> float:
+    return sum(a == b for a, b in zip(frame["label"], labels)) / len(labels)
+
+
+# -- the registry: two versions, two pre-processings -------------------------------------------------
+
+
+def test_both_variants_are_versions_of_one_registered_model_with_their_aliases(trained):
+    versions = trained["versions"]
+    assert sorted(versions) == ["center", "tta"]
+    assert (str(versions["center"].version), str(versions["tta"].version)) == ("1", "2")
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
+    for run in trained["runs"].values():
+        assert run.data.metrics["val_accuracy"] > 0.5  # ten classes: chance is 0.1
+
+
+def test_each_version_holds_its_own_steps_and_the_training_splits_statistics(trained, tmp_path):
+    specs = {}
+    for variant, version in trained["versions"].items():
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version.version}", dst_path=str(tmp_path / variant)))
+        specs[variant] = json.loads((folder / "fullmodel" / "fullmodel.json").read_text())
+        assert "pillow==" in (folder / "requirements.txt").read_text()
+    steps = {v: [s["target"].rsplit(":", 1)[1] for s in spec["preprocess"]] for v, spec in specs.items()}
+    assert steps == {
+        "center": ["DecodeImage", "Resize", "CenterCrop", "ToTensor", "NormalizeImage"],
+        "tta": ["DecodeImage", "Resize", "ToTensor", "RandomCrops", "NormalizeImage"],
+    }
+    assert specs["center"]["forward"]["target"].endswith(":CallModule")
+    assert specs["tta"]["forward"]["target"].endswith(":AverageOverSamples")
+    assert sorted(specs["center"]["params"]) == ["k"] and sorted(specs["tta"]["params"]) == ["k", "seed", "tta"]
+    # Both normalise with the statistics computed on the training split, as logged with the run.
+    for variant, spec in specs.items():
+        normalize = spec["preprocess"][-1]["config"]
+        params = trained["runs"][variant].data.params
+        assert normalize == {"mean": json.loads(params["normalize_mean"]), "std": json.loads(params["normalize_std"])}
+    assert 0.7 < specs["tta"]["preprocess"][-1]["config"]["mean"][0] < 0.9  # mostly white paper
+
+
+# -- load and predict --------------------------------------------------------------------------------
+
+
+def test_the_two_versions_answer_the_same_pngs_each_with_its_own_preprocessing(models):
+    center = models["center"].predict(PNGS, params={"k": 3})
+    tta = models["tta"].predict(PNGS, params={"k": 3})
+    assert accuracy(center, LABELS) > 0.6 and accuracy(tta, LABELS) > 0.6
+    assert center["top_probabilities"].tolist() != tta["top_probabilities"].tolist()
+    # Only the tta version has the parameters of its random crops.
+    with pytest.raises(fm.ParamError, match=r"Unknown parameter\(s\) \['seed'\]. Valid parameters are: \['k'\]"):
+        models["center"].predict(PNGS[:1], params={"seed": 1})
+
+
+def test_the_tta_answer_is_the_same_for_the_same_seed_and_changes_with_the_seed(models):
+    model = models["tta"]
+    first = model.predict(PNGS, params={"seed": 7, "k": 3})
+    pd.testing.assert_frame_equal(model.predict(PNGS, params={"seed": 7, "k": 3}), first, check_exact=True)
+    assert model.predict(PNGS, params={"seed": 8, "k": 3})["top_probabilities"].tolist() != first["top_probabilities"].tolist()
+    assert model.predict(PNGS, params={"seed": 7, "tta": 2, "k": 3})["top_probabilities"].tolist() != first["top_probabilities"].tolist()
+
+
+def test_the_registered_model_loads_as_pyfunc_and_predicts_like_the_logged_run_model(trained, models):
+    for variant, version in trained["versions"].items():
+        frame = pd.DataFrame({"image": PNGS})
+        params = {"k": 2, "seed": 3} if variant == "tta" else {"k": 2}
+        registered = mlflow.pyfunc.load_model(f"models:/{NAME}/{version.version}").predict(frame, params=params)
+        logged = mlflow.pyfunc.load_model(f"runs:/{version.run_id}/model").predict(frame, params=params)
+        pd.testing.assert_frame_equal(registered, logged, check_exact=True)
+        pd.testing.assert_frame_equal(registered, models[variant].predict(PNGS, params=params), check_exact=True)
+
+
+# -- served over HTTP --------------------------------------------------------------------------------
+
+
+def test_the_served_champion_answers_base64_pngs_like_the_model_in_memory(server, models):
+    response = post(server, records(PNGS, seed=5, k=2))
+    assert response.status_code == 200, response.text
+    served = pd.DataFrame(response.json()["predictions"])
+    expected = models["tta"].predict(PNGS, params={"seed": 5, "k": 2})
+    assert served["top_labels"].tolist() == expected["top_labels"].tolist()
+    assert served["top_probabilities"].tolist() == [pytest.approx(p, rel=1e-12) for p in expected["top_probabilities"]]
+    # The "inputs" format hands the base64 text to the model undecoded; DecodeImage decodes it.
+    inputs = post(server, {"inputs": {"image": [b64(p) for p in PNGS]}, "params": {"seed": 5, "k": 2}})
+    assert inputs.status_code == 200, inputs.text
+    assert inputs.json()["predictions"] == response.json()["predictions"]
+
+
+def test_the_same_request_with_the_same_seed_is_answered_identically(server):
+    payload = records(PNGS[:8], seed=11, tta=6, k=3)
+    first, second = post(server, payload), post(server, payload)
+    assert first.status_code == second.status_code == 200, first.text
+    assert first.content == second.content  # byte for byte
+    other_seed = post(server, records(PNGS[:8], seed=12, tta=6, k=3))
+    assert other_seed.json() != first.json()
+
+
+def test_concurrent_requests_do_not_change_the_answers(server):
+    payloads = [records(PNGS[:5], seed=1), records(PNGS[3:20], seed=1, tta=12), records(PNGS[::-1], seed=2, k=2)]
+    baseline = [post(server, p).json()["predictions"] for p in payloads]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda i: (i % 3, post(server, payloads[i % 3])), range(18)))
+    for index, response in answers:
+        assert response.status_code == 200, response.text
+        got, want = response.json()["predictions"], baseline[index]
+        assert [a["top_labels"] for a in got] == [a["top_labels"] for a in want]
+        # Equal up to float summation order, should concurrent rows ever share a forward batch.
+        for a, b in zip(got, want):
+            assert a["top_probabilities"] == pytest.approx(b["top_probabilities"], rel=1e-9, abs=1e-12)
+    # The same image gets the same answer whatever else is in its request.
+    together = post(server, records(PNGS[:5], seed=1)).json()["predictions"]
+    alone = post(server, records(PNGS[2:3], seed=1)).json()["predictions"]
+    assert alone[0]["top_labels"] == together[2]["top_labels"]
+    assert alone[0]["probability"] == pytest.approx(together[2]["probability"], rel=1e-9)
+
+
+BAD_IMAGES = {
+    "not an image": (b64(b"this is not an image"), r"Row 1: preprocess\[0\] DecodeImage: the data \(20 bytes, starting b'this is not '\) is not an image file"),
+    "truncated PNG": (b64(PNGS[0][: len(PNGS[0]) // 2]), r"Row 1: preprocess\[0\] DecodeImage: the PNG image \(40x40\) is truncated or corrupt"),
+    "truncated header": (b64(PNGS[0][:20]), r"Row 1: preprocess\[0\] DecodeImage: the data \(20 bytes\) starts like a PNG file but Pillow cannot read its header: the file is truncated"),
+    "base64 with stray characters": ("????AAAA", r"Row 1: preprocess\[0\] DecodeImage: the data \(3 bytes, starting b'.x00.x00.x00'\) is not an image"),
+    "over max_pixels": (b64(claimed_size_png(3000, 2000)), r"Row 1: preprocess\[0\] DecodeImage: the image is 3000x2000 pixels \(6000000 pixels\), over the limit of max_pixels=4194304"),
+    "decompression bomb": (b64(claimed_size_png(100_000, 100_000)), r"Row 1: preprocess\[0\] DecodeImage: the image is too large: .*max_pixels=4194304"),
+    # MLflow decodes base64 for binary columns before the model is called, so this message is
+    # MLflow's: it names the column, not the row.
+    "invalid base64": ("not base64!", r"Failed to convert column image .*Invalid base64-encoded string"),
+}
+
+
+@pytest.mark.parametrize("image, message", BAD_IMAGES.values(), ids=BAD_IMAGES.keys())
+def test_a_bad_image_is_a_400_with_a_json_message_and_the_server_keeps_serving(server, image, message):
+    response = post(server, {"dataframe_records": [{"image": b64(PNGS[0])}, {"image": image}]})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert re.search(message, body["message"]), body["message"]
+    assert "Traceback" not in response.text and "stack_trace" not in body
+    good = post(server, records(PNGS[:2]))
+    assert good.status_code == 200 and len(good.json()["predictions"]) == 2
+
+
+def test_a_bad_sample_count_is_a_400_naming_the_parameter(server):
+    response = post(server, records(PNGS[:1], tta=0))
+    assert response.status_code == 400
+    assert "Parameter 'tta' must be >= 1, got 0" in response.json()["message"]
