@@ -76,3 +76,18 @@ def test_the_served_champion_answers_raw_text_over_http(trained, tracking):
         assert bad.status_code == 400 and "'k'" in json.loads(bad.text)["message"]
     finally:
         stop(process)
+
+
+def test_the_same_training_saved_as_a_torch_export_program_gives_the_same_answers(trained, tracking, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), "--tiny", "--module-format", "export", "--registered-model-name",
+         "example-text-export", "--tracking-uri", tracking],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=""),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    exported = fm.load_model("models:/example-text-export@champion")
+    assert list(exported.modules.formats.values()) == ["torch.export"]
+    scripted = fm.load_model("models:/example-text@champion")
+    texts = TEXTS + ["a much longer review " * 30, "ok"]  # lengths the export never saw
+    pd.testing.assert_frame_equal(exported.predict(texts, params={"k": 3}), scripted.predict(texts, params={"k": 3}),
+                                  rtol=1e-5)

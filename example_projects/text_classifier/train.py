@@ -76,6 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--learning-rate", type=float, default=0.005, help="(default: %(default)s)")
     model.add_argument("--seed", type=int, default=0, help="seeds the data, the split and the "
                        "weights (default: %(default)s)")
+    model.add_argument("--module-format", choices=["torchscript", "export"], default="torchscript",
+                       help="save the network as TorchScript or as a torch.export program "
+                       "(default: %(default)s)")
     model.add_argument("--num-threads", type=int, default=1,
                        help="torch CPU threads while training; a model this small trains fastest "
                        "on one, and more only contend with other processes (default: %(default)s)")
@@ -200,6 +203,16 @@ def fit(
     return val_accuracy
 
 
+def compile_module(net: nn.Module, module_format: str) -> Any:
+    """The trained network in a form that travels without its Python class."""
+    if module_format == "torchscript":
+        return fm.script(net)  # fm.script keeps torch.jit's deprecation notice quiet
+    # One program for every batch size and text length: both dimensions are dynamic.
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
+    example = (torch.ones(2, 8, dtype=torch.long), torch.tensor([8, 5]))
+    return torch.export.export(net.eval(), example, dynamic_shapes=({0: batch, 1: length}, {0: batch}))
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train, log, register and alias the model.
 
@@ -267,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         model = fm.FullModel(
             preprocess=preprocess,
-            module=fm.script(net),  # TorchScript; fm.script keeps torch.jit's deprecation notice quiet
+            module=compile_module(net, args.module_format),
             postprocess=[TopK(labels=labels, k=fm.Param(1, minimum=1, maximum=len(labels)))],
             collate=fm.PadCollate(pad_value=PAD_ID),
         )
