@@ -150,7 +150,7 @@ def test_a_logged_model_that_fails_parity_is_not_logged(tracking, tmp_path, text
 
     from sample_steps import LABELS
 
-    from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
+    from mlflow_fullmodel.transforms import TopK
 
     sys.path.insert(0, str(tmp_path))
     (tmp_path / "noisy.py").write_text(textwrap.dedent("""

@@ -21,7 +21,7 @@ from mlflow_fullmodel.collate import Batch
 from mlflow_fullmodel.forward import AverageOverSamples
 from mlflow_fullmodel.modules import ModuleSet
 from mlflow_fullmodel.storage import load_fullmodel, save_fullmodel
-from mlflow_fullmodel.storage.folder import _decode_config, _encode_config, _Plan
+from contract import round_trip
 from mlflow_fullmodel.transforms import (
     CenterCrop,
     DecodeImage,
@@ -49,12 +49,6 @@ def claimed_size_png(width: int, height: int) -> bytes:
     data[16:24] = struct.pack(">II", width, height)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     return bytes(data)
-
-
-def round_trip(step: fm.Transform) -> fm.Transform:
-    """The step rebuilt from its saved JSON configuration, as loading a model does."""
-    encoded = json.loads(json.dumps(_encode_config(step, "preprocess[0]", _Plan(spec={}))))
-    return type(step)(**_decode_config(encoded, "/nonexistent"))
 
 
 def same(a, b) -> bool:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from contract import plain_config, round_trip
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.collate import PadCollate
 from mlflow_fullmodel.forward import CallModule
-from mlflow_fullmodel.storage.folder import _decode_config, _encode_config, _Plan
+from mlflow_fullmodel.storage.folder import _encode_config, _Plan
 from mlflow_fullmodel.transforms import (
     CenterCrop,
     DecodeImage,
@@ -53,27 +52,16 @@ def test_every_builtin_step_module_is_listed_in_the_contract_check(spm_path):
 
 def test_every_builtin_step_round_trips_through_json_to_an_equal_step(spm_path, tmp_path):
     for step in builtin_steps(spm_path):
-        plan = _Plan(spec={})
-        encoded = json.loads(json.dumps(_encode_config(step, "stage[0]", plan)))
-        # Artifacts are re-pointed into the model folder: copy them where the spec says.
-        for source, dest in plan.artifacts:
-            (tmp_path / dest).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / dest).write_bytes(open(source, "rb").read())
-        rebuilt = type(step)(**_decode_config(encoded, str(tmp_path)))
+        rebuilt = round_trip(step, tmp_path)
         assert type(rebuilt) is type(step)
-        expected = {k: v for k, v in step.get_config().items() if not isinstance(v, fm.Artifact)}
-        assert {k: v for k, v in rebuilt.get_config().items() if not isinstance(v, fm.Artifact)} == expected
+        assert plain_config(rebuilt) == plain_config(step)
         assert not [n for n in vars(rebuilt) if not n.startswith("_") and n not in step.config_names()]
 
 
 def test_a_rebuilt_tokenizer_encodes_exactly_like_the_original(spm_path, tmp_path):
     step = SentencePieceEncode(fm.Artifact(spm_path), max_length=8, add_bos=True, add_eos=True)
-    plan = _Plan(spec={})
-    encoded = _encode_config(step, "preprocess[0]", plan)
-    (source, dest), = plan.artifacts
-    (tmp_path / dest).parent.mkdir(parents=True)
-    (tmp_path / dest).write_bytes(open(source, "rb").read())
-    rebuilt = SentencePieceEncode(**_decode_config(encoded, str(tmp_path)))
+    rebuilt = round_trip(step, tmp_path)
+    assert rebuilt.model_file.path.startswith(str(tmp_path))
     text = "a superb film with a dull plot and a great director"
     assert torch.equal(rebuilt(text), step(text))
     ids = step(text)
