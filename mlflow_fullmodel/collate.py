@@ -51,6 +51,13 @@ class PadCollate(Configurable):
             raise ValueError(f"PadCollate: pad_side must be 'right' or 'left', got {pad_side!r}.")
 
     def __call__(self, examples: Sequence[Any]) -> Batch:
+        if all(type(e) is torch.Tensor and e.dim() == 1 for e in examples):
+            # The common case (token ids), without the general walk below.
+            sizes = [e.shape[0] for e in examples]
+            padded = torch.nn.utils.rnn.pad_sequence(
+                list(examples), batch_first=True, padding_value=self.pad_value, padding_side=self.pad_side
+            )
+            return Batch(padded, torch.tensor(sizes, dtype=torch.long))
         lengths: list[torch.Tensor] = []
         inputs = self._collate(list(examples), "example", lengths)
         return Batch(inputs, lengths[0] if lengths else None)

@@ -84,6 +84,7 @@ class ModuleSet(Mapping[str, Any]):
         self._modules = dict(modules)
         self.formats = {name: module_format(m) for name, m in self._modules.items()}
         self._runnable: dict[tuple[str, str], Any] = {}
+        self._arguments: dict[str, list[str]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -110,7 +111,9 @@ class ModuleSet(Mapping[str, Any]):
         return len(self._modules)
 
     def arguments(self, name: str) -> list[str]:
-        return argument_names(self[name])
+        if name not in self._arguments:  # parsed once: a strategy asks on every batch
+            self._arguments[name] = argument_names(self[name])
+        return self._arguments[name]
 
     def runnable(self, name: str, device: torch.device) -> Callable[..., Any]:
         """The module as a callable with its weights on ``device`` (built once per device)."""

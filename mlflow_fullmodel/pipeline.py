@@ -362,5 +362,13 @@ def answers_frame(answers: list[Any]) -> pd.DataFrame:
                     f"Post-processing returned columns {list(row)} for row {index} but {columns} for "
                     "row 0; every row must have the same output columns."
                 )
-    frame = pd.DataFrame({c: [_plain(r[c]) for r in rows] for c in (list(rows[0]) if rows else [])})
-    return frame
+    return pd.DataFrame({c: _plain_column([r[c] for r in rows]) for c in (list(rows[0]) if rows else [])})
+
+
+def _plain_column(values: list[Any]) -> list[Any]:
+    # Steps usually return Python values already; then the column is checked, not rebuilt.
+    if all(type(v) in _PLAIN_TYPES for v in values):
+        return values
+    if all(type(v) is list for v in values) and all(type(x) in _PLAIN_TYPES for v in values for x in v):
+        return values
+    return [_plain(v) for v in values]

@@ -8,6 +8,7 @@ shown by ``repr`` and stored as JSON when the model is saved. Anything else a st
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -244,11 +245,13 @@ def _same(value: Any, default: Any) -> bool:
         return value is default
 
 
-def _init_parameters(cls: type) -> list[inspect.Parameter]:
+@functools.cache
+def _init_parameters(cls: type) -> tuple[inspect.Parameter, ...]:
+    # Cached: predict asks every step for its params on every call.
     init = cls.__init__
     if init is object.__init__:
-        return []
-    parameters = list(inspect.signature(init).parameters.values())
+        return ()
+    parameters = tuple(inspect.signature(init).parameters.values())
     return parameters[1:]  # drop self
 
 

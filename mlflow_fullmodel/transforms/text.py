@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 
 from mlflow_fullmodel.exceptions import ConfigError, InputError
 from mlflow_fullmodel.transform import Artifact, Transform
 
-__all__ = ["SentencePieceEncode"]
+#: From this many rows on, one encode call uses every core.
+_PARALLEL_ENCODE_ROWS = 64
+
+__all__ = ["SentencePieceDecode", "SentencePieceEncode"]
 
 
 class SentencePieceEncode(Transform):
@@ -60,11 +65,14 @@ class SentencePieceEncode(Transform):
     def batch(self, texts: list[str]) -> list[torch.Tensor]:
         if not all(isinstance(text, str) for text in texts):
             raise InputError("expected strings")  # FullModel retries row by row to name the row
-        # One call into the C++ encoder for all rows (one thread: requests run in parallel), and
-        # one tensor for all ids, split into per-row views instead of a tensor built per row.
-        rows = [self._bounded(ids) for ids in self._processor.Encode(texts, num_threads=1)]
-        flat = torch.tensor([i for ids in rows for i in ids], dtype=torch.long)
-        return list(flat.split([len(ids) for ids in rows]))
+        # One call into the C++ encoder for all rows, and one tensor for all ids, split into
+        # per-row views instead of a tensor built per row. Small calls (a served request) keep to
+        # one thread, since requests run in parallel; a large batch uses every core.
+        threads = 1 if len(texts) < _PARALLEL_ENCODE_ROWS else -1
+        rows = [self._bounded(ids) for ids in self._processor.Encode(texts, num_threads=threads)]
+        sizes = [len(ids) for ids in rows]
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=sum(sizes))
+        return list(torch.from_numpy(flat).split(sizes))
 
     def _finish(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(self._bounded(ids), dtype=torch.long)
