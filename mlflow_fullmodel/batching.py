@@ -1,11 +1,13 @@
 """Adaptive micro-batching: concurrent ``predict`` calls share forward batches.
 
 A scoring server calls ``predict`` from a thread per request. Each call pre-processes and
-post-processes its own rows in its own thread; only the forward pass is handed to one worker
-thread, which merges whatever examples are waiting into batches grouped by length. While a batch
-runs, new requests queue up, so the batch size follows the load: a request that arrives alone runs
-at once, and under load the forward pass runs full batches on all cores instead of many small ones
-fighting over them.
+post-processes its own rows in its own thread; only the forward pass is shared. A call queues its
+examples; if no forward pass is running, the call itself runs one over everything queued (grouped
+by length, at most ``max_batch_size`` per batch) and hands the results out; otherwise it waits for
+the running pass to finish, by which time its examples have either been served by a later pass or
+it runs that pass itself. So a request that arrives alone runs at once, without a thread switch,
+and under load the forward pass runs full batches on all cores instead of many small ones fighting
+over them.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mlflow_fullmodel.collate import example_length, uncollate
+from mlflow_fullmodel.collate import example_length, length_buckets, uncollate
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError
-from mlflow_fullmodel.pipeline import FullModel, answers_frame
+from mlflow_fullmodel.pipeline import FullModel, answer_records, records_frame
 
 __all__ = ["MicroBatcher"]
 
@@ -38,7 +40,7 @@ class _Job:
     key: Hashable
     outputs: list[Any] = field(init=False)
     error: Exception | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
 
     def __post_init__(self) -> None:
         self.outputs = [None] * len(self.examples)
@@ -62,8 +64,8 @@ class MicroBatcher:
     Args:
         model: The model to serve.
         max_batch_size: The most examples in one forward batch.
-        max_wait_ms: How long the worker may hold a batch that is not full while other requests
-            are still being pre-processed (never when none is: a lone request does not wait).
+        max_wait_ms: How long a forward pass may be held back, when it is not full, for requests
+            that are still being pre-processed (never when none is: a lone request does not wait).
         timeout_s: How long a call waits for its forward outputs before failing.
 
     Example::
@@ -84,8 +86,8 @@ class MicroBatcher:
         self.timeout_s = timeout_s
         self._condition = threading.Condition()
         self._pending: list[_Job] = []
-        self._preprocessing = 0  # calls that will submit soon: worth a short wait for
-        self._worker: threading.Thread | None = None
+        self._preprocessing = 0  # calls that will queue soon: worth a short wait for
+        self._running = False  # a forward pass is under way
 
     def __repr__(self) -> str:
         return (f"MicroBatcher(max_batch_size={self.max_batch_size}, max_wait_ms={self.max_wait_ms}, "
@@ -93,6 +95,10 @@ class MicroBatcher:
 
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """Like ``FullModel.predict``, with the forward pass shared with concurrent calls."""
+        return records_frame(self.predict_records(data, params))
+
+    def predict_records(self, data: Any, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Like ``FullModel.predict_records``, with the forward pass shared with concurrent calls."""
         model = self.model
         rows = model.rows(data)
         values = model.resolve_params(params)
@@ -105,7 +111,7 @@ class MicroBatcher:
                 self._preprocessing -= 1
                 self._condition.notify_all()
         outputs = self._forward(examples, values)
-        return answers_frame(model.postprocess(outputs, values))
+        return answer_records(model.postprocess(outputs, values))
 
     def _forward(self, examples: list[Any], values: Mapping[str, Any]) -> list[Any]:
         if not examples:
@@ -116,47 +122,57 @@ class MicroBatcher:
         shared = {**self.model.collate_fn.params(), **self.model.forward_strategy.params()}
         key = (tuple(sorted((name, values[name]) for name in shared)), _structure(examples[0]))
         job = _Job(examples, values, key=key)
+        deadline = time.monotonic() + self.timeout_s
         with self._condition:
-            self._start_worker()
             self._pending.append(job)
-            self._condition.notify_all()
-        if not job.done.wait(self.timeout_s):
-            raise TimeoutError(f"The forward pass did not answer within {self.timeout_s} s.")
+            while not job.done and self._running:
+                if not self._condition.wait(deadline - time.monotonic()) and not job.done:
+                    if job in self._pending:
+                        self._pending.remove(job)
+                    raise TimeoutError(f"The forward pass did not answer within {self.timeout_s} s.")
+            if not job.done:
+                self._running = True
+        if not job.done:
+            self._lead()
         if job.error is not None:
             raise job.error
         return job.outputs
 
-    def _start_worker(self) -> None:
-        if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._work, name="fullmodel-batcher", daemon=True)
-            self._worker.start()
-
-    def _work(self) -> None:
-        while True:
+    def _lead(self) -> None:
+        """Run one forward round over every queued request (this call's included), then hand over."""
+        jobs: list[_Job] = []
+        try:
             with self._condition:
-                while not self._pending:
-                    self._condition.wait()
-                deadline = time.monotonic() + self.max_wait_ms / 1000
-                while (
-                    self._preprocessing
-                    and sum(len(j.examples) for j in self._pending) < self.max_batch_size
-                    and (remaining := deadline - time.monotonic()) > 0
-                ):
-                    self._condition.wait(remaining)
+                self._wait_for_company()
                 jobs, self._pending = self._pending, []
             groups: dict[Hashable, list[_Job]] = {}
             for job in jobs:
                 groups.setdefault(job.key, []).append(job)
             for group in groups.values():
                 self._run_group(group)
+        finally:
+            with self._condition:
+                for job in jobs:
+                    job.done = True
+                self._running = False
+                self._condition.notify_all()  # the next queued call leads the next round
+
+    def _wait_for_company(self) -> None:
+        """Hold a batch that is not full for up to ``max_wait_ms`` while other calls are still
+        pre-processing (their examples would otherwise wait a whole round)."""
+        deadline = time.monotonic() + self.max_wait_ms / 1000
+        while (
+            self._preprocessing
+            and sum(len(j.examples) for j in self._pending) < self.max_batch_size
+            and (remaining := deadline - time.monotonic()) > 0
+        ):
+            self._condition.wait(remaining)
 
     def _run_group(self, jobs: list[_Job]) -> None:
         items = [(job, index) for job in jobs for index in range(len(job.examples))]
-        items.sort(key=lambda item: example_length(item[0].examples[item[1]]))
-        for start in range(0, len(items), self.max_batch_size):
-            self._run_batch(items[start : start + self.max_batch_size])
-        for job in jobs:
-            job.done.set()
+        lengths = [example_length(job.examples[index]) for job, index in items]
+        for bucket in length_buckets(lengths, self.max_batch_size):
+            self._run_batch([items[i] for i in bucket])
 
     def _run_batch(self, items: list[tuple[_Job, int]]) -> None:
         jobs = list({id(job): job for job, _ in items}.values())

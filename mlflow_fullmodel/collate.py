@@ -17,7 +17,10 @@ import torch
 from mlflow_fullmodel.exceptions import InputError
 from mlflow_fullmodel.transform import Configurable
 
-__all__ = ["Batch", "PadCollate", "example_length", "uncollate"]
+__all__ = ["Batch", "PadCollate", "example_length", "length_buckets", "uncollate"]
+
+#: The most padding a batch may carry, as a fraction of its real elements, before it is split.
+PADDING_TOLERANCE = 0.25
 
 
 @dataclass
@@ -150,6 +153,31 @@ def example_length(example: Any) -> int:
     if isinstance(example, list):
         return len(example)
     return 1
+
+
+def length_buckets(lengths: Sequence[int], max_size: int, tolerance: float = PADDING_TOLERANCE) -> list[list[int]]:
+    """Indices grouped into batches of at most ``max_size`` similar lengths: sorted by length, and
+    a batch is closed early when padding to its longest would add more than ``tolerance`` of its
+    real elements (a 5-token text and a 200-token one are not worth padding together).
+
+    Example::
+
+        length_buckets([3, 100, 4, 90, 5], max_size=4)   # [[0, 2, 4], [3, 1]]
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for index in order:
+        length = lengths[index]  # the longest so far: the order is ascending
+        if current and (len(current) >= max_size or (len(current) + 1) * length > (real + length) * (1 + tolerance)):
+            buckets.append(current)
+            current, real = [], 0
+        current.append(index)
+        real += length
+    if current:
+        buckets.append(current)
+    return buckets
 
 
 def uncollate(outputs: Any, size: int) -> list[Any]:

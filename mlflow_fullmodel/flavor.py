@@ -62,7 +62,7 @@ import mlflow_fullmodel
 from mlflow_fullmodel.batching import MicroBatcher
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ParamError
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
-from mlflow_fullmodel.pipeline import FullModel
+from mlflow_fullmodel.pipeline import FullModel, records_frame
 from mlflow_fullmodel.storage import FORMAT_VERSION, load_fullmodel, make_golden, save_fullmodel
 
 __all__ = ["FLAVOR_NAME", "get_default_pip_requirements", "load_model", "log_model", "save_model"]
@@ -72,6 +72,11 @@ _logger = logging.getLogger(__name__)
 FLAVOR_NAME = "fullmodel"
 _DATA_SUBPATH = "fullmodel"
 _CODE_SUBPATH = "code"
+
+# Set by MLflow's scoring server in its process: the model path before loading, the flag before
+# serving requests.
+_SERVER_MODEL_PATH = "__pyfunc_model_path__"
+_SERVING_ENVIRONMENT = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 
 _SCHEMA_TYPES = {str: "string", bytes: "binary", bool: "boolean", int: "long", float: "double"}
 
@@ -385,13 +390,17 @@ class _FullModelWrapper:
     def get_raw_model(self) -> FullModel:
         return self.fullmodel
 
-    def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
+        runner = self.batcher if self.batcher is not None else self.fullmodel
         try:
-            if self.batcher is not None:
-                return self.batcher.predict(data, params=params)
-            return self.fullmodel.predict(data, params=params)
+            records = runner.predict_records(data, params=params)
         except (InputError, ParamError) as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+        # The scoring server turns a DataFrame into exactly these records again; hand them over
+        # as they are (the same JSON), and build a DataFrame only for Python callers.
+        if os.environ.get(_SERVING_ENVIRONMENT) == "true":
+            return records
+        return records_frame(records)
 
 
 #: Serving settings: pyfunc ``model_config`` key -> (environment variable, default, type).
@@ -400,7 +409,9 @@ _SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
     "batching": ("MLFLOW_FULLMODEL_BATCHING", True, bool),
     "max_batch_size": ("MLFLOW_FULLMODEL_MAX_BATCH_SIZE", None, int),  # None: the model's batch_size
     "max_wait_ms": ("MLFLOW_FULLMODEL_MAX_WAIT_MS", 2.0, float),
-    "num_threads": ("MLFLOW_FULLMODEL_NUM_THREADS", None, int),  # None: torch's default
+    # None: half the cores in a scoring server (the other half parses and answers requests while
+    # a forward pass runs), torch's default elsewhere.
+    "num_threads": ("MLFLOW_FULLMODEL_NUM_THREADS", None, int),
 }
 
 
@@ -435,8 +446,11 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Full
     the ``MLFLOW_FULLMODEL_*`` environment variables) sets ``device``, ``batching``,
     ``max_batch_size``, ``max_wait_ms`` and ``num_threads``."""
     config = serving_config(model_config)
-    if config["num_threads"]:
-        torch.set_num_threads(config["num_threads"])
+    threads = config["num_threads"]
+    if threads is None and _SERVER_MODEL_PATH in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // 2)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         fullmodel = load_fullmodel(path, device=config["device"])
     except FullModelError as error:

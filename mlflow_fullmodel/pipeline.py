@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlflow_fullmodel.collate import Batch, PadCollate, example_length, uncollate
+from mlflow_fullmodel.collate import Batch, PadCollate, example_length, length_buckets, uncollate
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ParamError
 from mlflow_fullmodel.forward import CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import ModuleSet, resolve_device
 from mlflow_fullmodel.transform import Configurable, Param, Transform
 
-__all__ = ["FullModel", "answers_frame", "apply_step"]
+__all__ = ["FullModel", "answer_records", "apply_step", "records_frame"]
 
 #: Output column used when post-processing returns a single value instead of a dict.
 PREDICTION_COLUMN = "prediction"
@@ -166,6 +166,11 @@ class FullModel:
             InputError: A column is missing or a row was rejected; the message names the row.
             ParamError: A parameter is unknown or its value invalid; the message names it.
         """
+        return records_frame(self.predict_records(data, params))
+
+    def predict_records(self, data: Any, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """``predict``, with the answers as one dict of plain Python values per row: what a JSON
+        response holds, without building a DataFrame."""
         rows = self.rows(data)
         values = self.resolve_params(params)
         examples = self.preprocess(rows, values)
@@ -176,7 +181,7 @@ class FullModel:
             for i, output in zip(indices, uncollate(batch_outputs, len(indices))):
                 outputs[i] = output
         answers = self.postprocess(outputs, values)
-        return answers_frame(answers)
+        return answer_records(answers)
 
     def rows(self, data: Any) -> list[Any]:
         """The raw inputs of ``data``, one per row: a value, or a dict when there are several
@@ -208,13 +213,14 @@ class FullModel:
                 f"Missing column(s) {missing}; the model expects columns {columns}, got "
                 f"{[str(c) for c in frame.columns]}."
             )
-        for column in columns:
-            nulls = frame[column].isna().to_numpy()
-            if nulls.any():
-                raise InputError(f"Row {int(nulls.argmax())}, column '{column}': value is missing (null).")
+        values = {column: frame[column].tolist() for column in columns}
+        for column, column_values in values.items():
+            for index, value in enumerate(column_values):
+                if _is_missing(value):
+                    raise InputError(f"Row {index}, column '{column}': value is missing (null).")
         if len(columns) == 1:
-            return frame[columns[0]].tolist()
-        return frame[columns].to_dict(orient="records")
+            return values[columns[0]]
+        return [dict(zip(columns, row)) for row in zip(*values.values())]
 
     def preprocess(self, rows: Sequence[Any], params: Mapping[str, Any]) -> list[Any]:
         """Apply each pre-processing step to all rows, in order (see ``Transform.batch``)."""
@@ -225,8 +231,7 @@ class FullModel:
 
     def plan_batches(self, examples: Sequence[Any]) -> list[list[int]]:
         """Row indices grouped into batches of similar length, so little of a batch is padding."""
-        order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
-        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        return length_buckets([example_length(e) for e in examples], self.batch_size)
 
     def collate(self, examples: Sequence[Any]) -> Batch:
         return self.collate_fn(examples)
@@ -318,7 +323,7 @@ def _records(data: Any, columns: list[str]) -> list[dict[str, Any]]:
 
 
 def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def _to_cpu(value: Any) -> Any:
@@ -351,18 +356,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def answers_frame(answers: list[Any]) -> pd.DataFrame:
-    """One row per answer: the dicts' keys become the columns (a bare value: ``prediction``)."""
+def answer_records(answers: list[Any]) -> list[dict[str, Any]]:
+    """One dict of plain values per answer (a bare value goes in the column ``prediction``);
+    every answer must have the same columns."""
     rows = [a if isinstance(a, dict) else {PREDICTION_COLUMN: a} for a in answers]
-    if rows:
-        columns = list(rows[0])
-        for index, row in enumerate(rows):
-            if list(row) != columns:
-                raise ConfigError(
-                    f"Post-processing returned columns {list(row)} for row {index} but {columns} for "
-                    "row 0; every row must have the same output columns."
-                )
-    return pd.DataFrame({c: _plain_column([r[c] for r in rows]) for c in (list(rows[0]) if rows else [])})
+    if not rows:
+        return rows
+    columns = list(rows[0])
+    for index, row in enumerate(rows):
+        if list(row) != columns:
+            raise ConfigError(
+                f"Post-processing returned columns {list(row)} for row {index} but {columns} for "
+                "row 0; every row must have the same output columns."
+            )
+    for column in columns:
+        values = [row[column] for row in rows]
+        plain = _plain_column(values)
+        if plain is not values:
+            for row, value in zip(rows, plain):
+                row[column] = value
+    return rows
+
+
+def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The answer records as a DataFrame, one column per key."""
+    return pd.DataFrame({c: [r[c] for r in records] for c in (list(records[0]) if records else [])})
 
 
 def _plain_column(values: list[Any]) -> list[Any]:

@@ -108,8 +108,11 @@ def test_requests_that_arrive_while_a_batch_runs_share_the_next_batch(scripted_n
         time.sleep(0.01)
     results: dict[int, pd.DataFrame] = {}
 
+    def row(thread: int) -> str:
+        return " ".join([str(thread + 4)] * 5)  # one length: the batch is not split to limit padding
+
     def call(thread: int) -> None:
-        results[thread] = batcher.predict([" ".join(["7"] * (thread + 1))])
+        results[thread] = batcher.predict([row(thread)])
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(15)]
     for t in threads:
@@ -121,7 +124,7 @@ def test_requests_that_arrive_while_a_batch_runs_share_the_next_batch(scripted_n
         t.join(timeout=60)
     assert gate._sizes == [1, 15]
     for i in range(15):
-        pd.testing.assert_frame_equal(results[i], model.predict([" ".join(["7"] * (i + 1))]))
+        pd.testing.assert_frame_equal(results[i], model.predict([row(i)]))
 
 
 def test_requests_with_different_forward_params_never_share_a_batch(ids_model):

@@ -197,3 +197,17 @@ def test_fm_script_makes_torchscript_without_the_torch_jit_deprecation_warning()
         scripted = fm.script(BagOfIds(vocab_size=8, classes=2))
     assert isinstance(scripted, torch.jit.ScriptModule) and not scripted.training
     assert not [w for w in caught if "torch.jit" in str(w.message)]
+
+
+def test_length_buckets_cover_every_row_once_and_bound_the_padding():
+    from mlflow_fullmodel.collate import length_buckets
+
+    rng = __import__("random").Random(3)
+    lengths = [rng.randint(1, 200) for _ in range(500)]
+    buckets = length_buckets(lengths, max_size=32, tolerance=0.25)
+    assert sorted(i for b in buckets for i in b) == list(range(500))
+    for bucket in buckets:
+        sizes = [lengths[i] for i in bucket]
+        assert len(bucket) <= 32
+        assert len(bucket) == 1 or len(bucket) * max(sizes) <= 1.25 * sum(sizes)
+    assert length_buckets([7] * 70, max_size=32) == [list(range(32)), list(range(32, 64)), list(range(64, 70))]
