@@ -12,7 +12,7 @@ import pandas as pd
 import sentencepiece
 import torch
 
-from benchmarks.common import best_time, saved_models, subject, table
+from benchmarks.common import best_time, saved_models, subject_of, table
 from benchmarks.models import texts
 
 ROWS = 512
@@ -40,8 +40,8 @@ def main() -> list[list[object]]:
     frame = pd.DataFrame({"text": rows})
     results = []
     for size in ("tiny", "medium"):
-        s = subject(size)
-        paths = saved_models(s)
+        s = subject_of(size)
+        paths = saved_models(size)
         fullmodel = mlflow.pyfunc.load_model(paths["fullmodel"])
         handwritten = mlflow.pyfunc.load_model(paths["handwritten"])
         fullmodel.predict(frame.head(8)), handwritten.predict(frame.head(8))  # warm up

@@ -7,7 +7,7 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks.common import saved_models, subject, table
+from benchmarks.common import saved_models, table
 
 CHILD = """
 import sys, time
@@ -30,7 +30,7 @@ def cold_start(path: str, runs: int = 3) -> float:
 def main() -> list[list[object]]:
     rows = []
     for size in ("tiny", "medium"):
-        paths = saved_models(subject(size))
+        paths = saved_models(size)
         hand, ours = cold_start(paths["handwritten"]), cold_start(paths["fullmodel"])
         rows.append([size, f"{hand:.2f}", f"{ours:.2f}", f"{ours / hand:.2f}"])
     print("\nCold start: load + first prediction in a fresh process (s, median of 3)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.common import percentile, saved_models, subject, table
+from benchmarks.common import percentile, saved_models, table
 from benchmarks.models import texts
 
 CLIENTS = (1, 8, 32)
@@ -118,7 +118,7 @@ def main(limits: dict[str, float] | None = None) -> list[list[object]]:
     bodies = [json.dumps({"dataframe_records": [{"text": t}]}).encode() for t in texts(300, seed=5)]
     rows = []
     for size in ("tiny", "medium"):
-        paths = saved_models(subject(size))
+        paths = saved_models(size)
         hand = measure(paths["handwritten"], bodies)
         ours = measure(paths["fullmodel"], bodies)
         for clients in CLIENTS:

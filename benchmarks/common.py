@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 import mlflow_fullmodel as fm
 from benchmarks.models import Subject, build, texts
@@ -17,21 +20,25 @@ HERE = Path(__file__).resolve().parent
 WORKDIR = Path(os.environ.get("BENCH_DIR", "/tmp/mlflow-fullmodel-bench"))
 
 
-def subject(name: str) -> Subject:
+@functools.cache
+def subject_of(name: str) -> Subject:
     return build(name, str(WORKDIR / name))
 
 
-def saved_models(subject: Subject) -> dict[str, str]:
-    """Both models saved as MLflow models: {"fullmodel": path, "handwritten": path}."""
+@functools.cache
+def saved_models(size: str) -> dict[str, str]:
+    """Both models saved as MLflow models, afresh in each run (a fullmodel model carries the
+    runtime it was saved with, so an old copy would measure old code)."""
+    subject = subject_of(size)
     paths = {"fullmodel": WORKDIR / subject.name / "fullmodel", "handwritten": WORKDIR / subject.name / "handwritten"}
-    if not paths["fullmodel"].exists():
-        fm.save_model(subject.fullmodel, str(paths["fullmodel"]), input_example=texts(4, seed=9))
-    if not paths["handwritten"].exists():
-        mlflow.pyfunc.save_model(
-            str(paths["handwritten"]), python_model=str(HERE / "handwritten.py"),
-            artifacts={"spm": subject.spm, "net": str(WORKDIR / subject.name / f"{subject.name}.pt")},
-            input_example=texts(4, seed=9),
-        )
+    for path in paths.values():
+        shutil.rmtree(path, ignore_errors=True)
+    fm.save_model(subject.fullmodel, str(paths["fullmodel"]), input_example=texts(4, seed=9))
+    mlflow.pyfunc.save_model(
+        str(paths["handwritten"]), python_model=str(HERE / "handwritten.py"),
+        artifacts={"spm": subject.spm, "net": str(WORKDIR / subject.name / f"{subject.name}.pt")},
+        input_example=pd.DataFrame({"text": texts(4, seed=9)}),
+    )
     return {k: str(v) for k, v in paths.items()}
 
 

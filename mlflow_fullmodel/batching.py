@@ -87,7 +87,7 @@ class MicroBatcher:
         self._condition = threading.Condition()
         self._pending: list[_Job] = []
         self._preprocessing = 0  # calls that will queue soon: worth a short wait for
-        self._running = False  # a forward pass is under way
+        self._running = False  # a forward round is under way
 
     def __repr__(self) -> str:
         return (f"MicroBatcher(max_batch_size={self.max_batch_size}, max_wait_ms={self.max_wait_ms}, "
@@ -125,14 +125,17 @@ class MicroBatcher:
         deadline = time.monotonic() + self.timeout_s
         with self._condition:
             self._pending.append(job)
-            while not job.done and self._running:
-                if not self._condition.wait(deadline - time.monotonic()) and not job.done:
-                    if job in self._pending:
-                        self._pending.remove(job)
-                    raise TimeoutError(f"The forward pass did not answer within {self.timeout_s} s.")
-            if not job.done:
+        while True:
+            with self._condition:
+                while not job.done and self._running:
+                    if not self._condition.wait(deadline - time.monotonic()) and not job.done:
+                        if job in self._pending:
+                            self._pending.remove(job)
+                        raise TimeoutError(f"The forward pass did not answer within {self.timeout_s} s.")
+                if job.done:
+                    break
                 self._running = True
-        if not job.done:
+            # Lead a round: it serves this call's examples unless another round already took them.
             self._lead()
         if job.error is not None:
             raise job.error
