@@ -40,7 +40,7 @@ def main() -> None:
             "absolute numbers move with the machine's other load.", "",
             "## Batch predict (rows/s, 512 mixed-length rows, best of 3)", "",
             table(batch, ["model", "forward-only", "hand-written", "fullmodel", "fullmodel/limit", "fullmodel/hand"]), "",
-            "## Serving (`mlflow models serve`, one worker, single-row requests)", "",
+            "## Serving (`mlflow models serve`, one worker, single-row requests, best of 2 alternating runs)", "",
             table(serving, ["model", "clients", "hand req/s", "fullmodel req/s", "ratio", "fullmodel/limit",
                             "hand p50 / p99 ms", "fullmodel p50 / p99 ms", "ratio p50 / p99", "CPU ms/req hand / fullmodel"]), "",
             "## Cold start (s, load + first prediction, median of 3)", "",

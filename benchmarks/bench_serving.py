@@ -96,42 +96,49 @@ async def load(url: str, clients: int, per_client: int, bodies: list[bytes]) -> 
         return time.perf_counter() - started, latencies
 
 
-def measure(path: str, bodies: list[bytes]) -> dict[int, dict[str, float]]:
-    process, url = start_server(path)
+def measure(paths: dict[str, str], bodies: list[bytes], repeats: int = 2) -> dict[str, dict[int, dict[str, float]]]:
+    """Both servers up at once, the load alternating between them, each level ``repeats`` times;
+    per model and level the run with the most requests/s counts (the least disturbed one)."""
+    servers = {name: start_server(path) for name, path in paths.items()}
     try:
-        asyncio.run(load(url, 4, WARMUP // 4, bodies))
-        results = {}
+        for _, url in servers.values():
+            asyncio.run(load(url, 4, WARMUP // 4, bodies))
+        results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in servers}
         for clients in CLIENTS:
             per_client = REQUESTS_PER_CLIENT[clients]
-            cpu_before = group_cpu_seconds(process.pid)
-            wall, latencies = asyncio.run(load(url, clients, per_client, bodies))
-            cpu = group_cpu_seconds(process.pid) - cpu_before
-            count = clients * per_client
-            results[clients] = {"rps": count / wall, "p50": percentile(latencies, 50) * 1000,
-                                "p99": percentile(latencies, 99) * 1000, "cpu_ms": cpu / count * 1000}
+            for _ in range(repeats):
+                for name, (process, url) in servers.items():
+                    cpu_before = group_cpu_seconds(process.pid)
+                    wall, latencies = asyncio.run(load(url, clients, per_client, bodies))
+                    cpu = group_cpu_seconds(process.pid) - cpu_before
+                    count = clients * per_client
+                    run = {"rps": count / wall, "p50": percentile(latencies, 50) * 1000,
+                           "p99": percentile(latencies, 99) * 1000, "cpu_ms": cpu / count * 1000}
+                    if run["rps"] > results[name].get(clients, {"rps": 0})["rps"]:
+                        results[name][clients] = run
         return results
     finally:
-        stop_server(process)
+        for process, _ in servers.values():
+            stop_server(process)
 
 
 def main(limits: dict[str, float] | None = None) -> list[list[object]]:
     bodies = [json.dumps({"dataframe_records": [{"text": t}]}).encode() for t in texts(300, seed=5)]
     rows = []
     for size in ("tiny", "medium"):
-        paths = saved_models(size)
-        hand = measure(paths["handwritten"], bodies)
-        ours = measure(paths["fullmodel"], bodies)
+        results = measure(saved_models(size), bodies)
+        hand, ours = results["handwritten"], results["fullmodel"]
         for clients in CLIENTS:
             h, o = hand[clients], ours[clients]
             limit = limits.get(size) if limits else None
             rows.append([
                 size, clients, f"{h['rps']:.0f}", f"{o['rps']:.0f}", f"{o['rps'] / h['rps']:.2f}",
-                f"{o['rps'] / limit:.2f}" if limit else "-",
+                f"{o['rps'] / limit:.3f}" if limit else "-",
                 f"{h['p50']:.1f} / {h['p99']:.1f}", f"{o['p50']:.1f} / {o['p99']:.1f}",
                 f"{o['p50'] / h['p50']:.2f} / {o['p99'] / h['p99']:.2f}",
                 f"{h['cpu_ms']:.1f} / {o['cpu_ms']:.1f}",
             ])
-    print("\nServing, single-row requests, one worker (latency in ms; CPU ms per request)")
+    print("\nServing, single-row requests, one worker (latency in ms; CPU ms per request; best of 2 alternating runs)")
     print(table(rows, ["model", "clients", "hand req/s", "fullmodel req/s", "ratio", "fullmodel/limit",
                        "hand p50 / p99", "fullmodel p50 / p99", "ratio p50 / p99", "CPU hand / fullmodel"]))
     return rows
