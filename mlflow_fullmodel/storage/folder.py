@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -291,10 +290,3 @@ def load_fullmodel(folder: str, device: str | torch.device = "cpu") -> FullModel
 def make_golden(model: FullModel, inputs: list[Any], params: Mapping[str, Any] | None) -> Golden:
     params = dict(params or {})
     return Golden(inputs=list(inputs), params=params, outputs=model.predict(inputs, params=params))
-
-
-def temporary_copy(folder: str) -> str:
-    """A copy of ``folder`` in a new temporary directory (for checks that must not touch it)."""
-    target = os.path.join(tempfile.mkdtemp(prefix="fullmodel-"), os.path.basename(folder.rstrip("/")))
-    shutil.copytree(folder, target)
-    return target
