@@ -406,7 +406,10 @@ class _FullModelWrapper:
 #: Serving settings: pyfunc ``model_config`` key -> (environment variable, default, type).
 _SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
     "device": ("MLFLOW_FULLMODEL_DEVICE", "cpu", str),
-    "batching": ("MLFLOW_FULLMODEL_BATCHING", True, bool),
+    # None: on for CUDA, where a batch costs about what one example does; off on the CPU, where
+    # intra-op threads already spread one example over the cores, and the merged batches (a
+    # scoring server runs at most cores + 4 requests at once) are too small to repay their padding.
+    "batching": ("MLFLOW_FULLMODEL_BATCHING", None, bool),
     "max_batch_size": ("MLFLOW_FULLMODEL_MAX_BATCH_SIZE", None, int),  # None: the model's batch_size
     "max_wait_ms": ("MLFLOW_FULLMODEL_MAX_WAIT_MS", 2.0, float),
     # None: half the cores in a scoring server (the other half parses and answers requests while
@@ -455,8 +458,11 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Full
         fullmodel = load_fullmodel(path, device=config["device"])
     except FullModelError as error:
         raise MlflowException(str(error)) from error
+    batching = config["batching"]
+    if batching is None:
+        batching = fullmodel.device.type == "cuda"
     batcher = None
-    if config["batching"]:
+    if batching:
         batcher = MicroBatcher(fullmodel, max_batch_size=config["max_batch_size"] or fullmodel.batch_size,
                                max_wait_ms=config["max_wait_ms"])
     return _FullModelWrapper(fullmodel, batcher)

@@ -219,11 +219,11 @@ class TestServingConfig:
         with pytest.raises(mlflow.exceptions.MlflowException, match=r"max_batch_size \(MLFLOW_FULLMODEL_MAX_BATCH_SIZE\) must be a int"):
             serving_config(None)
 
-    def test_pyfunc_serves_through_the_batcher_unless_switched_off(self, saved_model, text_model):
-        batched = mlflow.pyfunc.load_model(str(saved_model), model_config={"max_batch_size": 3})
-        plain = mlflow.pyfunc.load_model(str(saved_model), model_config={"batching": False})
+    def test_pyfunc_batches_when_asked_and_by_default_only_on_cuda(self, saved_model, text_model):
+        batched = mlflow.pyfunc.load_model(str(saved_model), model_config={"batching": True, "max_batch_size": 3})
+        plain = mlflow.pyfunc.load_model(str(saved_model))
         assert batched._model_impl.batcher.max_batch_size == 3
-        assert plain._model_impl.batcher is None
+        assert plain._model_impl.batcher is None  # the default on the CPU
         frame = pd.DataFrame({"text": EXAMPLE_TEXTS * 3})
         expected = text_model.predict(EXAMPLE_TEXTS * 3, params={"k": 2})
         for model in (batched, plain):

@@ -61,3 +61,34 @@ def test_a_bad_request_is_a_400_with_a_json_message_and_no_stack_trace(champion_
     assert "Traceback" not in response.text
     # ... and the server keeps serving.
     assert answers(invoke(champion_server, PAYLOADS["dataframe_records"]))["label"].notna().all()
+
+
+def test_concurrent_requests_through_the_micro_batcher_get_their_own_answers(tracking, registered_reviews, text_model):
+    import threading
+
+    from conftest import serve, stop
+
+    process, url = serve("models:/reviews@champion", tracking,
+                         {"MLFLOW_FULLMODEL_BATCHING": "true", "MLFLOW_FULLMODEL_MAX_WAIT_MS": "5"})
+    texts = [f"{'great ' * (i % 7)}film {'dull ' * (i % 5)}plot {i}" for i in range(48)]
+    answers: dict[int, dict] = {}
+
+    def client(start: int) -> None:
+        for i in range(start, len(texts), 12):
+            params = {"k": 1 + i % 2}
+            response = invoke(url, {"dataframe_records": [{"text": texts[i]}], "params": params})
+            answers[i] = response.json()["predictions"][0] if response.status_code == 200 else response.text
+
+    try:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        stop(process)
+    for i, text in enumerate(texts):
+        expected = text_model.predict([text], params={"k": 1 + i % 2})
+        assert answers[i]["top_labels"] == expected["top_labels"][0], answers[i]
+        assert answers[i]["probability"] == pytest.approx(expected["probability"][0], rel=1e-6)
