@@ -42,7 +42,8 @@ def main() -> None:
             table(batch, ["model", "forward-only", "hand-written", "fullmodel", "fullmodel/limit", "fullmodel/hand"]), "",
             "## Serving (`mlflow models serve`, one worker, single-row requests, best of 2 alternating runs)", "",
             table(serving, ["model", "clients", "hand req/s", "fullmodel req/s", "ratio", "fullmodel/limit",
-                            "hand p50 / p99 ms", "fullmodel p50 / p99 ms", "ratio p50 / p99", "CPU ms/req hand / fullmodel"]), "",
+                            "hand p50 / p99 ms", "fullmodel p50 / p99 ms", "ratio p50 / p99", "CPU ms/req hand / fullmodel",
+                            "batching on: req/s (x hand)", "batching on: p50 / p99 ms"]), "",
             "## Cold start (s, load + first prediction, median of 3)", "",
             table(cold, ["model", "hand-written", "fullmodel", "fullmodel/hand"]), "",
         ]

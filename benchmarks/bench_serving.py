@@ -96,10 +96,12 @@ async def load(url: str, clients: int, per_client: int, bodies: list[bytes]) -> 
         return time.perf_counter() - started, latencies
 
 
-def measure(paths: dict[str, str], bodies: list[bytes], repeats: int = 2) -> dict[str, dict[int, dict[str, float]]]:
-    """Both servers up at once, the load alternating between them, each level ``repeats`` times;
-    per model and level the run with the most requests/s counts (the least disturbed one)."""
-    servers = {name: start_server(path) for name, path in paths.items()}
+def measure(servers_to_start: dict[str, tuple[str, dict[str, str]]], bodies: list[bytes],
+            repeats: int = 2) -> dict[str, dict[int, dict[str, float]]]:
+    """All servers (name -> model path, environment) up at once, the load alternating between
+    them, each level ``repeats`` times; per server and level the run with the most requests/s
+    counts (the least disturbed one)."""
+    servers = {name: start_server(path, env) for name, (path, env) in servers_to_start.items()}
     try:
         for _, url in servers.values():
             asyncio.run(load(url, 4, WARMUP // 4, bodies))
@@ -126,10 +128,12 @@ def main(limits: dict[str, float] | None = None) -> list[list[object]]:
     bodies = [json.dumps({"dataframe_records": [{"text": t}]}).encode() for t in texts(300, seed=5)]
     rows = []
     for size in ("tiny", "medium"):
-        results = measure(saved_models(size), bodies)
-        hand, ours = results["handwritten"], results["fullmodel"]
+        paths = saved_models(size)
+        results = measure({"handwritten": (paths["handwritten"], {}), "fullmodel": (paths["fullmodel"], {}),
+                           "batching": (paths["fullmodel"], {"MLFLOW_FULLMODEL_BATCHING": "true"})}, bodies)
+        hand, ours, batching = results["handwritten"], results["fullmodel"], results["batching"]
         for clients in CLIENTS:
-            h, o = hand[clients], ours[clients]
+            h, o, b = hand[clients], ours[clients], batching[clients]
             limit = limits.get(size) if limits else None
             rows.append([
                 size, clients, f"{h['rps']:.0f}", f"{o['rps']:.0f}", f"{o['rps'] / h['rps']:.2f}",
@@ -137,10 +141,12 @@ def main(limits: dict[str, float] | None = None) -> list[list[object]]:
                 f"{h['p50']:.1f} / {h['p99']:.1f}", f"{o['p50']:.1f} / {o['p99']:.1f}",
                 f"{o['p50'] / h['p50']:.2f} / {o['p99'] / h['p99']:.2f}",
                 f"{h['cpu_ms']:.1f} / {o['cpu_ms']:.1f}",
+                f"{b['rps']:.0f} ({b['rps'] / h['rps']:.2f}x)", f"{b['p50']:.1f} / {b['p99']:.1f}",
             ])
     print("\nServing, single-row requests, one worker (latency in ms; CPU ms per request; best of 2 alternating runs)")
     print(table(rows, ["model", "clients", "hand req/s", "fullmodel req/s", "ratio", "fullmodel/limit",
-                       "hand p50 / p99", "fullmodel p50 / p99", "ratio p50 / p99", "CPU hand / fullmodel"]))
+                       "hand p50 / p99", "fullmodel p50 / p99", "ratio p50 / p99", "CPU hand / fullmodel",
+                       "batching on: req/s", "batching on: p50 / p99"]))
     return rows
 
 
