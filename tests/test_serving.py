@@ -27,6 +27,8 @@ PAYLOADS = {
     "inputs as columns": {"inputs": {"text": EXAMPLE_TEXTS}},
     "inputs as records": {"inputs": [{"text": t} for t in EXAMPLE_TEXTS]},
     "instances": {"instances": [{"text": t} for t in EXAMPLE_TEXTS]},
+    "inputs as a list of texts": {"inputs": EXAMPLE_TEXTS},
+    "instances as a list of texts": {"instances": EXAMPLE_TEXTS},
 }
 
 
