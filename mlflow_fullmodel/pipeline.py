@@ -205,15 +205,19 @@ class FullModel:
     def _frame_rows(self, frame: pd.DataFrame) -> list[Any]:
         # Column-wise: the scoring server hands every request over as a DataFrame.
         columns = self.input_columns
-        if len(columns) == 1 and columns[0] not in frame.columns and len(frame.columns) == 1:
-            frame = frame.set_axis(columns, axis=1)  # an unnamed single column, e.g. from a list
-        missing = [c for c in columns if c not in frame.columns]
+        names = frame.columns.tolist()
+        if len(columns) == 1 and names != columns and len(names) == 1:
+            frame, names = frame.set_axis(columns, axis=1), columns  # an unnamed column, e.g. from a list
+        missing = [c for c in columns if c not in names]
         if missing:
             raise InputError(
                 f"Missing column(s) {missing}; the model expects columns {columns}, got "
-                f"{[str(c) for c in frame.columns]}."
+                f"{[str(c) for c in names]}."
             )
-        values = {column: frame[column].tolist() for column in columns}
+        # DataFrame.items, not frame[column]: a request's frame is new each time, and a column
+        # lookup builds the frame's index engine, which costs more than the rest of this method.
+        series = dict(frame.items())
+        values = {column: series[column].tolist() for column in columns}
         for column, column_values in values.items():
             for index, value in enumerate(column_values):
                 if _is_missing(value):

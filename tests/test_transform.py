@@ -68,6 +68,17 @@ def test_a_rebuilt_tokenizer_encodes_exactly_like_the_original(spm_path, tmp_pat
     assert len(ids) == 8 and ids[0].item() == 2 and ids[-1].item() == 3
 
 
+@pytest.mark.parametrize("rows", [1, 7, 8, 63, 64, 200])
+def test_batch_encoding_gives_each_row_the_ids_it_gets_alone(spm_path, rows):
+    # Few rows are encoded one by one, more in one call, many on every core: same ids each way.
+    step = SentencePieceEncode(fm.Artifact(spm_path), max_length=12, add_eos=True)
+    words = "a superb film with a dull plot and a great director who never stops talking".split()
+    texts = [" ".join(words[i % 5 : i % 5 + 1 + i % 13]) for i in range(rows)]
+    batch = step.batch(texts)
+    assert len(batch) == rows
+    for text, ids in zip(texts, batch):
+        assert torch.equal(ids, step(text)), text
+
 def test_repr_shows_only_arguments_that_differ_from_their_defaults(spm_path):
     assert repr(PadCollate()) == "PadCollate()"
     assert repr(PadCollate(pad_value=3)) == "PadCollate(pad_value=3)"

@@ -12,6 +12,8 @@ import torch
 from mlflow_fullmodel.exceptions import ConfigError, InputError
 from mlflow_fullmodel.transform import Artifact, Transform
 
+#: From this many rows on, one batch call into the encoder pays for its set-up (a thread pool).
+_BATCH_ENCODE_ROWS = 8
 #: From this many rows on, one encode call uses every core.
 _PARALLEL_ENCODE_ROWS = 64
 
@@ -65,11 +67,17 @@ class SentencePieceEncode(Transform):
     def batch(self, texts: list[str]) -> list[torch.Tensor]:
         if not all(isinstance(text, str) for text in texts):
             raise InputError("expected strings")  # FullModel retries row by row to name the row
-        # One call into the C++ encoder for all rows, and one tensor for all ids, split into
-        # per-row views instead of a tensor built per row. Small calls (a served request) keep to
-        # one thread, since requests run in parallel; a large batch uses every core.
-        threads = 1 if len(texts) < _PARALLEL_ENCODE_ROWS else -1
-        rows = [self._bounded(ids) for ids in self._processor.Encode(texts, num_threads=threads)]
+        # One tensor for all ids, split into per-row views instead of a tensor built per row.
+        # A few rows (a served request) are encoded one by one, on the calling thread, since
+        # requests run in parallel; many rows go in one call into the C++ encoder, which uses
+        # every core for a large batch.
+        processor = self._processor
+        if len(texts) < _BATCH_ENCODE_ROWS:
+            encoded = [processor.EncodeAsIds(text) for text in texts]
+        else:
+            threads = 1 if len(texts) < _PARALLEL_ENCODE_ROWS else -1
+            encoded = processor.Encode(texts, num_threads=threads)
+        rows = [self._bounded(ids) for ids in encoded]
         sizes = [len(ids) for ids in rows]
         flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=sum(sizes))
         return list(torch.from_numpy(flat).split(sizes))
