@@ -32,8 +32,7 @@ class Batch:
     lengths: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
-        lengths = self.lengths.to(device) if self.lengths is not None else None
-        return Batch(_map_tensors(self.inputs, lambda t: t.to(device)), lengths)
+        return Batch(_map_tensors(self.inputs, lambda t: _moved(t, device)), _moved(self.lengths, device))
 
 
 class PadCollate(Configurable):
@@ -60,7 +59,7 @@ class PadCollate(Configurable):
             padded = torch.nn.utils.rnn.pad_sequence(
                 list(examples), batch_first=True, padding_value=self.pad_value, padding_side=self.pad_side
             )
-            return Batch(padded, torch.tensor(sizes, dtype=torch.long))
+            return Batch(padded, torch.from_numpy(np.array(sizes, dtype=np.int64)))
         lengths: list[torch.Tensor] = []
         inputs = self._collate(list(examples), "example", lengths)
         return Batch(inputs, lengths[0] if lengths else None)
@@ -128,6 +127,14 @@ def _as_tensor(item: Any, where: str, index: int) -> torch.Tensor:
         f"Cannot batch {where} of row {index}: pre-processing must end in tensors, got "
         f"{type(item).__name__}."
     )
+
+
+def _moved(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    # Skipping a move that changes nothing is not only cheaper: every torch call releases the GIL,
+    # and under a server's concurrent requests every release costs a thread switch.
+    if tensor is None or tensor.device == device:
+        return tensor
+    return tensor.to(device)
 
 
 def _map_tensors(value: Any, fn: Any) -> Any:

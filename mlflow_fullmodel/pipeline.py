@@ -332,7 +332,7 @@ def _is_missing(value: Any) -> bool:
 
 def _to_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.cpu()
+        return value if value.device.type == "cpu" else value.cpu()
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):

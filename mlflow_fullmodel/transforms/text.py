@@ -80,7 +80,8 @@ class SentencePieceEncode(Transform):
         rows = [self._bounded(ids) for ids in encoded]
         sizes = [len(ids) for ids in rows]
         flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=sum(sizes))
-        return list(torch.from_numpy(flat).split(sizes))
+        ids = torch.from_numpy(flat)
+        return [ids] if len(rows) == 1 else list(ids.split(sizes))
 
     def _finish(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(self._bounded(ids), dtype=torch.long)
