@@ -149,6 +149,8 @@ def _map_tensors(value: Any, fn: Any) -> Any:
 
 def example_length(example: Any) -> int:
     """The size used to group examples of similar length: the element count of the first tensor."""
+    if type(example) is torch.Tensor:  # the common case first: this runs once per row
+        return example.shape[0] if example.ndim else 1
     if isinstance(example, dict):
         example = next(iter(example.values()), None)
     elif isinstance(example, (tuple, list)) and example and not _is_number_list(example):
