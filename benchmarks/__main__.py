@@ -30,8 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"Machine: {machine()}")
     batch = bench_batch.main()
-    limits = {row[0]: float(row[1]) for row in batch}
-    serving = bench_serving.main(limits)
+    serving = bench_serving.main({row[0]: float(row[1]) for row in batch}, {row[0]: float(row[2]) for row in batch})
     cold = bench_coldstart.main()
     if args.write:
         text = [
@@ -39,13 +38,11 @@ def main() -> None:
             f"Run on {datetime.date.today()}: {machine()}. Ratios are measured in the same run; "
             "absolute numbers move with the machine's other load.", "",
             "## Batch predict (rows/s, 512 mixed-length rows, best of 3)", "",
-            table(batch, ["model", "forward-only", "hand-written", "fullmodel", "fullmodel/limit", "fullmodel/hand"]), "",
+            table(batch, bench_batch.HEADER), "",
             "## Serving (`mlflow models serve`, one worker, single-row requests, best of 2 alternating runs)", "",
-            table(serving, ["model", "clients", "hand req/s", "fullmodel req/s", "ratio", "fullmodel/limit",
-                            "hand p50 / p99 ms", "fullmodel p50 / p99 ms", "ratio p50 / p99", "CPU ms/req hand / fullmodel",
-                            "batching on: req/s (x hand)", "batching on: p50 / p99 ms"]), "",
+            table(serving, bench_serving.HEADER), "",
             "## Cold start (s, load + first prediction, median of 3)", "",
-            table(cold, ["model", "hand-written", "fullmodel", "fullmodel/hand"]), "",
+            table(cold, bench_coldstart.HEADER), "",
         ]
         path = Path(__file__).resolve().parent / "RESULTS.md"
         previous = path.read_text() if path.exists() else ""

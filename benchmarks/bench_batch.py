@@ -2,10 +2,14 @@
 
 Compares, per model size, pyfunc predict of the fullmodel flavor against (a) the forward-only limit
 (the same TorchScript module on pre-tokenised, length-sorted batches of 32) and (b) the
-hand-written PythonModel (tokenise all rows, pad to the longest, one forward).
+hand-written PythonModel (tokenise all rows, pad to the longest, one forward). Also measures the
+module on one example per call on one thread: what a served request costs a core, from which the
+serving benchmark works out how many requests per second these cores could serve at best.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import mlflow
 import pandas as pd
@@ -16,21 +20,36 @@ from benchmarks.common import best_time, saved_models, subject_of, table
 from benchmarks.models import texts
 
 ROWS = 512
+HEADER = ["model", "forward-only", "forward-only, 1 row per call, 1 thread", "hand-written", "fullmodel",
+          "fullmodel/limit", "fullmodel/hand"]
 
 
-def forward_only(spm: str, net: torch.jit.ScriptModule, rows: list[str]) -> None:
+def forward_only(spm: str, net: torch.jit.ScriptModule, rows: list[str], batch_size: int = 32) -> Callable[[], None]:
     """Pre-tokenised outside the timing; only sorted, padded batches through the module."""
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=spm)
     ids = sorted((torch.tensor(x[:256]) for x in tokenizer.encode(rows)), key=len)
     batches = []
-    for start in range(0, len(ids), 32):
-        chunk = ids[start : start + 32]
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
         batches.append((torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), torch.tensor([len(x) for x in chunk])))
 
     def run() -> None:
         with torch.inference_mode():
             for padded, lengths in batches:
                 net(padded, lengths)
+
+    return run
+
+
+def one_thread(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` on one intra-op thread: what one served request costs a core."""
+    def run() -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(threads)
 
     return run
 
@@ -46,11 +65,13 @@ def main() -> list[list[object]]:
         handwritten = mlflow.pyfunc.load_model(paths["handwritten"])
         fullmodel.predict(frame.head(8)), handwritten.predict(frame.head(8))  # warm up
         limit = ROWS / best_time(forward_only(s.spm, s.net, rows))
+        single = ROWS / best_time(one_thread(forward_only(s.spm, s.net, rows, batch_size=1)))
         hand = ROWS / best_time(lambda: handwritten.predict(frame))
         ours = ROWS / best_time(lambda: fullmodel.predict(frame))
-        results.append([size, f"{limit:.0f}", f"{hand:.0f}", f"{ours:.0f}", f"{ours / limit:.2f}", f"{ours / hand:.2f}"])
+        results.append([size, f"{limit:.0f}", f"{single:.0f}", f"{hand:.0f}", f"{ours:.0f}", f"{ours / limit:.2f}",
+                        f"{ours / hand:.2f}"])
     print(f"\nBatch predict, {ROWS} mixed-length rows (rows/s; best of 3)")
-    print(table(results, ["model", "forward-only", "hand-written", "fullmodel", "fullmodel/limit", "fullmodel/hand"]))
+    print(table(results, HEADER))
     return results
 
 

@@ -9,6 +9,7 @@ import sys
 
 from benchmarks.common import saved_models, table
 
+HEADER = ["model", "hand-written", "fullmodel", "fullmodel/hand"]
 CHILD = """
 import sys, time
 import mlflow, pandas as pd
@@ -34,7 +35,7 @@ def main() -> list[list[object]]:
         hand, ours = cold_start(paths["handwritten"]), cold_start(paths["fullmodel"])
         rows.append([size, f"{hand:.2f}", f"{ours:.2f}", f"{ours / hand:.2f}"])
     print("\nCold start: load + first prediction in a fresh process (s, median of 3)")
-    print(table(rows, ["model", "hand-written", "fullmodel", "fullmodel/hand"]))
+    print(table(rows, HEADER))
     return rows
 
 

@@ -27,18 +27,22 @@ def subject_of(name: str) -> Subject:
 
 @functools.cache
 def saved_models(size: str) -> dict[str, str]:
-    """Both models saved as MLflow models, afresh in each run (a fullmodel model carries the
-    runtime it was saved with, so an old copy would measure old code)."""
+    """Both models, and the serving ceiling, saved as MLflow models afresh in each run (a
+    fullmodel model carries the runtime it was saved with, so an old copy would measure old code)."""
     subject = subject_of(size)
-    paths = {"fullmodel": WORKDIR / subject.name / "fullmodel", "handwritten": WORKDIR / subject.name / "handwritten"}
+    paths = {name: WORKDIR / subject.name / name for name in ("fullmodel", "handwritten", "ceiling")}
     for path in paths.values():
         shutil.rmtree(path, ignore_errors=True)
-    fm.save_model(subject.fullmodel, str(paths["fullmodel"]), input_example=texts(4, seed=9))
+    example = texts(4, seed=9)
+    fm.save_model(subject.fullmodel, str(paths["fullmodel"]), input_example=example)
     mlflow.pyfunc.save_model(
         str(paths["handwritten"]), python_model=str(HERE / "handwritten.py"),
         artifacts={"spm": subject.spm, "net": str(WORKDIR / subject.name / f"{subject.name}.pt")},
-        input_example=pd.DataFrame({"text": texts(4, seed=9)}),
+        input_example=pd.DataFrame({"text": example}),
     )
+    # The same input signature as the hand-written model, so the server parses requests alike.
+    mlflow.pyfunc.save_model(str(paths["ceiling"]), python_model=str(HERE / "ceiling.py"),
+                             input_example=pd.DataFrame({"text": example}))
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -1,0 +1,15 @@
+"""The scoring server's own ceiling: a PythonModel that does no work at all (one constant answer
+per row), served like the others. No model can be served faster than this; what separates it from
+the others is the model's own per-request work. Logged as MLflow "models from code"."""
+
+from __future__ import annotations
+
+import mlflow
+
+
+class Ceiling(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return [{"label": "neutral"}] * len(model_input)
+
+
+mlflow.models.set_model(Ceiling())
