@@ -20,6 +20,7 @@ import mlflow_fullmodel as fm
 from mlflow_fullmodel.collate import Batch
 from mlflow_fullmodel.forward import AverageOverSamples
 from mlflow_fullmodel.modules import ModuleSet
+from mlflow_fullmodel.parity import ABS_TOL, REL_TOL
 from mlflow_fullmodel.storage import load_fullmodel, save_fullmodel
 from contract import round_trip
 from mlflow_fullmodel.transforms import (
@@ -459,9 +460,11 @@ class TestAverageOverSamples:
             # Identical crops (pre-processing depends on the seed and the image only) ...
             values = tta_model.resolve_params({"seed": 1})
             assert torch.equal(tta_model.preprocess([pngs[index]], values)[0], tta_model.preprocess(pngs, values)[index])
-            # ... hence the same answer; batched float kernels may differ in the last bits.
+            # ... hence the same answer; batched float32 kernels may differ in the last bits.
             assert alone["top_labels"][0] == together["top_labels"][index]
-            assert alone["top_probabilities"][0] == pytest.approx(together["top_probabilities"][index], rel=1e-9, abs=1e-12)
+            assert alone["top_probabilities"][0] == pytest.approx(
+                together["top_probabilities"][index], rel=REL_TOL, abs=ABS_TOL
+            )
 
     def test_a_bad_image_is_an_input_error_naming_the_row_and_the_step(self, tta_model):
         pngs = digit_pngs(2)
