@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"Machine: {machine()}")
     batch = bench_batch.main()
-    serving = bench_serving.main({row[0]: float(row[1]) for row in batch}, {row[0]: float(row[2]) for row in batch})
+    serving = bench_serving.main(*bench_batch.forward_rates(batch))
     cold = bench_coldstart.main()
     if args.write:
         text = [

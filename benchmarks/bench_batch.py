@@ -54,6 +54,11 @@ def one_thread(fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+def forward_rates(results: list[list[object]]) -> tuple[dict[str, float], dict[str, float]]:
+    """From ``main``'s rows, per model: the forward-only limit and the one-row, one-thread rate."""
+    return ({str(row[0]): float(row[1]) for row in results}, {str(row[0]): float(row[2]) for row in results})
+
+
 def main() -> list[list[object]]:
     rows = texts(ROWS, seed=3)
     frame = pd.DataFrame({"text": rows})

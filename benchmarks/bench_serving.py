@@ -163,5 +163,4 @@ def main(limits: dict[str, float], singles: dict[str, float]) -> list[list[objec
 if __name__ == "__main__":
     from benchmarks import bench_batch
 
-    batch = bench_batch.main()
-    main({row[0]: float(row[1]) for row in batch}, {row[0]: float(row[2]) for row in batch})
+    main(*bench_batch.forward_rates(bench_batch.main()))

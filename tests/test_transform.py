@@ -79,6 +79,7 @@ def test_batch_encoding_gives_each_row_the_ids_it_gets_alone(spm_path, rows):
     for text, ids in zip(texts, batch):
         assert torch.equal(ids, step(text)), text
 
+
 def test_repr_shows_only_arguments_that_differ_from_their_defaults(spm_path):
     assert repr(PadCollate()) == "PadCollate()"
     assert repr(PadCollate(pad_value=3)) == "PadCollate(pad_value=3)"
