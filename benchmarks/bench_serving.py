@@ -6,6 +6,7 @@ request."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import random
@@ -102,6 +103,10 @@ def measure(servers_to_start: dict[str, tuple[str, dict[str, str]]], bodies: lis
     them, each level ``repeats`` times; per server and level the run with the most requests/s
     counts (the least disturbed one)."""
     servers = {name: start_server(path, env) for name, (path, env) in servers_to_start.items()}
+    # The load generator shares this process with torch, MLflow and pandas; a full collection of
+    # their objects would stall it for tens of ms and show up as server latency.
+    gc.collect()
+    gc.freeze()
     try:
         for _, url in servers.values():
             asyncio.run(load(url, 4, WARMUP // 4, bodies))

@@ -202,6 +202,38 @@ def test_a_torch_export_program_and_several_named_modules_save_and_reload(tmp_pa
     pd.testing.assert_frame_equal(loaded.predict(texts, params={"k": 2}), model.predict(texts, params={"k": 2}))
 
 
+@pytest.mark.parametrize("in_server", [True, False])
+def test_only_a_scoring_server_process_is_tuned_at_load(saved_model, in_server):
+    # In a child process: the settings are process-wide, and a notebook that loads a model must
+    # keep its own.
+    script = textwrap.dedent("""
+        import gc, json, sys
+        import mlflow, pandas as pd, torch
+        before = {"storage": pd.get_option("mode.string_storage"), "threads": torch.get_num_threads()}
+        model = mlflow.pyfunc.load_model(sys.argv[1])
+        frame = pd.DataFrame({"text": json.loads(sys.argv[2])})
+        print(json.dumps({"before": before, "storage": pd.get_option("mode.string_storage"),
+                          "threads": torch.get_num_threads(), "frozen": gc.get_freeze_count(),
+                          "labels": model.predict(frame)["label"].tolist()}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "__pyfunc_model_path__"}
+    if in_server:
+        env["__pyfunc_model_path__"] = str(saved_model)  # what the scoring server sets
+    result = subprocess.run([sys.executable, "-c", script, str(saved_model), json.dumps(EXAMPLE_TEXTS)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    golden = json.loads((saved_model / "fullmodel" / "golden.json").read_text())
+    assert report["labels"] == [row[0] for row in golden["outputs"]["data"]]
+    if in_server:
+        assert report["storage"] == "python"
+        assert report["frozen"] > 10_000  # MLflow, torch and pandas at least
+        assert report["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    else:
+        assert {"storage": report["storage"], "threads": report["threads"]} == report["before"]
+        assert report["frozen"] == 0
+
+
 class TestServingConfig:
     def test_model_config_wins_over_the_environment_which_wins_over_defaults(self, monkeypatch):
         from mlflow_fullmodel.flavor import serving_config
