@@ -41,7 +41,9 @@ from mlflow_fullmodel.modules import script
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.transform import Artifact, Param, Transform, transform
 
-_FLAVOR_FUNCTIONS = {"save_model", "log_model", "load_model", "get_default_pip_requirements", "FLAVOR_NAME"}
+_FLAVOR_FUNCTIONS = {
+    "save_model", "log_model", "load_model", "get_default_pip_requirements", "tune_scoring_server", "FLAVOR_NAME",
+}
 
 __all__ = [
     "Artifact",

@@ -66,7 +66,9 @@ from mlflow_fullmodel.parity import check_parity, preprocess_digests
 from mlflow_fullmodel.pipeline import FullModel, records_frame
 from mlflow_fullmodel.storage import FORMAT_VERSION, load_fullmodel, make_golden, save_fullmodel
 
-__all__ = ["FLAVOR_NAME", "get_default_pip_requirements", "load_model", "log_model", "save_model"]
+__all__ = [
+    "FLAVOR_NAME", "get_default_pip_requirements", "load_model", "log_model", "save_model", "tune_scoring_server",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -445,8 +447,13 @@ def serving_config(model_config: Mapping[str, Any] | None) -> dict[str, Any]:
     return resolved
 
 
-def _tune_scoring_server() -> None:
-    """Settings for the process of ``mlflow models serve``, which exists to serve this model.
+def tune_scoring_server() -> bool:
+    """Tune the process of ``mlflow models serve`` for serving; elsewhere do nothing.
+
+    Only a scoring server process is changed (MLflow marks it before loading the model), because
+    both settings are process-wide and that process exists to serve the model. fullmodel models
+    call this when they are loaded; another PythonModel served alongside can call it from its
+    ``load_context``. Returns whether the process was tuned.
 
     The server turns every request into a DataFrame. pandas 3 stores its strings in Arrow arrays,
     and each Arrow call releases the GIL; with the server's event loop and predict threads waiting
@@ -457,9 +464,19 @@ def _tune_scoring_server() -> None:
     hundred thousand) live as long as the server. Frozen, they are left out of the garbage
     collector's full collections, each of which would otherwise stop every request for about
     50 ms, a few times a second under load.
+
+    Example::
+
+        class MyModel(mlflow.pyfunc.PythonModel):
+            def load_context(self, context):
+                self.net = torch.jit.load(context.artifacts["net"])
+                mlflow_fullmodel.flavor.tune_scoring_server()
     """
+    if _SERVER_MODEL_PATH not in os.environ:
+        return False
     pd.set_option("mode.string_storage", "python")
     gc.freeze()
+    return True
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _FullModelWrapper:
@@ -467,9 +484,8 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Full
     the ``MLFLOW_FULLMODEL_*`` environment variables) sets ``device``, ``batching``,
     ``max_batch_size``, ``max_wait_ms`` and ``num_threads``."""
     config = serving_config(model_config)
-    in_server = _SERVER_MODEL_PATH in os.environ
     threads = config["num_threads"]
-    if threads is None and in_server:
+    if threads is None and _SERVER_MODEL_PATH in os.environ:
         threads = max(1, (os.cpu_count() or 1) // 2)
     if threads:
         torch.set_num_threads(threads)
@@ -484,6 +500,5 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Full
     if batching:
         batcher = MicroBatcher(fullmodel, max_batch_size=config["max_batch_size"] or fullmodel.batch_size,
                                max_wait_ms=config["max_wait_ms"])
-    if in_server:
-        _tune_scoring_server()
+    tune_scoring_server()  # last: it freezes what loading created
     return _FullModelWrapper(fullmodel, batcher)

@@ -212,9 +212,11 @@ def test_only_a_scoring_server_process_is_tuned_at_load(saved_model, in_server):
         before = {"storage": pd.get_option("mode.string_storage"), "threads": torch.get_num_threads()}
         model = mlflow.pyfunc.load_model(sys.argv[1])
         frame = pd.DataFrame({"text": json.loads(sys.argv[2])})
+        import mlflow_fullmodel
         print(json.dumps({"before": before, "storage": pd.get_option("mode.string_storage"),
                           "threads": torch.get_num_threads(), "frozen": gc.get_freeze_count(),
-                          "labels": model.predict(frame)["label"].tolist()}))
+                          "labels": model.predict(frame)["label"].tolist(),
+                          "tunes": mlflow_fullmodel.tune_scoring_server()}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "__pyfunc_model_path__"}
     if in_server:
@@ -225,6 +227,7 @@ def test_only_a_scoring_server_process_is_tuned_at_load(saved_model, in_server):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     golden = json.loads((saved_model / "fullmodel" / "golden.json").read_text())
     assert report["labels"] == [row[0] for row in golden["outputs"]["data"]]
+    assert report["tunes"] is in_server
     if in_server:
         assert report["storage"] == "python"
         assert report["frozen"] > 10_000  # MLflow, torch and pandas at least
