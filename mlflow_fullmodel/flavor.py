@@ -418,6 +418,8 @@ _SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
     # None: half the cores in a scoring server (the other half parses and answers requests while
     # a forward pass runs), torch's default elsewhere.
     "num_threads": ("MLFLOW_FULLMODEL_NUM_THREADS", None, int),
+    # Process-wide settings for a scoring server's own process (see tune_scoring_server).
+    "tune_server": ("MLFLOW_FULLMODEL_TUNE_SERVER", True, bool),
 }
 
 
@@ -452,8 +454,8 @@ def tune_scoring_server() -> bool:
 
     Only a scoring server process is changed (MLflow marks it before loading the model), because
     both settings are process-wide and that process exists to serve the model. fullmodel models
-    call this when they are loaded; another PythonModel served alongside can call it from its
-    ``load_context``. Returns whether the process was tuned.
+    call this when they are loaded, unless the serving setting ``tune_server`` is false; a
+    PythonModel can call it from its ``load_context``. Returns whether the process was tuned.
 
     The server turns every request into a DataFrame. pandas 3 stores its strings in Arrow arrays,
     and each Arrow call releases the GIL; with the server's event loop and predict threads waiting
@@ -482,7 +484,7 @@ def tune_scoring_server() -> bool:
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _FullModelWrapper:
     """Called by ``mlflow.pyfunc.load_model``. ``model_config`` (or, for ``mlflow models serve``,
     the ``MLFLOW_FULLMODEL_*`` environment variables) sets ``device``, ``batching``,
-    ``max_batch_size``, ``max_wait_ms`` and ``num_threads``."""
+    ``max_batch_size``, ``max_wait_ms``, ``num_threads`` and ``tune_server``."""
     config = serving_config(model_config)
     threads = config["num_threads"]
     if threads is None and _SERVER_MODEL_PATH in os.environ:
@@ -500,5 +502,6 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Full
     if batching:
         batcher = MicroBatcher(fullmodel, max_batch_size=config["max_batch_size"] or fullmodel.batch_size,
                                max_wait_ms=config["max_wait_ms"])
-    tune_scoring_server()  # last: it freezes what loading created
+    if config["tune_server"]:
+        tune_scoring_server()  # last: it freezes what loading created
     return _FullModelWrapper(fullmodel, batcher)

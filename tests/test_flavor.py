@@ -202,8 +202,8 @@ def test_a_torch_export_program_and_several_named_modules_save_and_reload(tmp_pa
     pd.testing.assert_frame_equal(loaded.predict(texts, params={"k": 2}), model.predict(texts, params={"k": 2}))
 
 
-@pytest.mark.parametrize("in_server", [True, False])
-def test_only_a_scoring_server_process_is_tuned_at_load(saved_model, in_server):
+@pytest.mark.parametrize(("in_server", "tune_server"), [(True, "true"), (False, "true"), (True, "false")])
+def test_only_a_scoring_server_process_is_tuned_at_load_unless_switched_off(saved_model, in_server, tune_server):
     # In a child process: the settings are process-wide, and a notebook that loads a model must
     # keep its own.
     script = textwrap.dedent("""
@@ -212,13 +212,12 @@ def test_only_a_scoring_server_process_is_tuned_at_load(saved_model, in_server):
         before = {"storage": pd.get_option("mode.string_storage"), "threads": torch.get_num_threads()}
         model = mlflow.pyfunc.load_model(sys.argv[1])
         frame = pd.DataFrame({"text": json.loads(sys.argv[2])})
-        import mlflow_fullmodel
         print(json.dumps({"before": before, "storage": pd.get_option("mode.string_storage"),
                           "threads": torch.get_num_threads(), "frozen": gc.get_freeze_count(),
-                          "labels": model.predict(frame)["label"].tolist(),
-                          "tunes": mlflow_fullmodel.tune_scoring_server()}))
+                          "labels": model.predict(frame)["label"].tolist()}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "__pyfunc_model_path__"}
+    env["MLFLOW_FULLMODEL_TUNE_SERVER"] = tune_server
     if in_server:
         env["__pyfunc_model_path__"] = str(saved_model)  # what the scoring server sets
     result = subprocess.run([sys.executable, "-c", script, str(saved_model), json.dumps(EXAMPLE_TEXTS)],
@@ -227,14 +226,25 @@ def test_only_a_scoring_server_process_is_tuned_at_load(saved_model, in_server):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     golden = json.loads((saved_model / "fullmodel" / "golden.json").read_text())
     assert report["labels"] == [row[0] for row in golden["outputs"]["data"]]
-    assert report["tunes"] is in_server
     if in_server:
-        assert report["storage"] == "python"
-        assert report["frozen"] > 10_000  # MLflow, torch and pandas at least
         assert report["threads"] == max(1, (os.cpu_count() or 1) // 2)
     else:
-        assert {"storage": report["storage"], "threads": report["threads"]} == report["before"]
+        assert report["threads"] == report["before"]["threads"]
+    if in_server and tune_server == "true":
+        assert report["storage"] == "python"
+        assert report["frozen"] > 10_000  # MLflow, torch and pandas at least
+    else:
+        assert report["storage"] == report["before"]["storage"]
         assert report["frozen"] == 0
+
+
+def test_tune_scoring_server_does_nothing_outside_a_scoring_server(monkeypatch):
+    import gc
+
+    monkeypatch.delenv("__pyfunc_model_path__", raising=False)
+    storage, frozen = pd.get_option("mode.string_storage"), gc.get_freeze_count()
+    assert fm.tune_scoring_server() is False
+    assert (pd.get_option("mode.string_storage"), gc.get_freeze_count()) == (storage, frozen)
 
 
 class TestServingConfig:
@@ -244,7 +254,8 @@ class TestServingConfig:
         monkeypatch.setenv("MLFLOW_FULLMODEL_MAX_WAIT_MS", "7.5")
         monkeypatch.setenv("MLFLOW_FULLMODEL_BATCHING", "false")
         config = serving_config({"max_batch_size": 16, "device": None})
-        assert config == {"device": "cpu", "batching": False, "max_batch_size": 16, "max_wait_ms": 7.5, "num_threads": None}
+        assert config == {"device": "cpu", "batching": False, "max_batch_size": 16, "max_wait_ms": 7.5,
+                          "num_threads": None, "tune_server": True}
         assert serving_config({"max_wait_ms": 1})["max_wait_ms"] == 1
 
     def test_a_value_that_does_not_parse_is_an_error_naming_the_variable(self, monkeypatch):
