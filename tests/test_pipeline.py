@@ -42,6 +42,26 @@ def test_probabilities_are_a_softmax_of_the_module_scores(text_model, scripted_n
     assert result["label"][0] == LABELS[int(expected.argmax())]
 
 
+@pytest.mark.parametrize("softmax", [True, False])
+def test_top_k_of_a_few_rows_in_python_equals_top_k_of_many_in_torch(softmax):
+    torch.manual_seed(0)
+    scores = torch.randn(40, 7) * 4
+    scores[3] = 1.0  # a tie: the lower index first, both ways
+    if not softmax:
+        scores = torch.softmax(scores, 1)
+    step = TopK(labels=[f"c{i}" for i in range(7)], k=5, softmax=softmax)
+    many = step.batch(list(scores), k=5)  # more rows than the Python path takes
+    few = [answer for row in scores for answer in step.batch([row], k=5)]
+    assert [a["top_labels"] for a in few] == [a["top_labels"] for a in many]
+    assert few[3]["top_labels"] == ["c0", "c1", "c2", "c3", "c4"]
+    for a, b in zip(few, many):
+        assert a["top_probabilities"] == pytest.approx(b["top_probabilities"], rel=1e-12, abs=0)
+        assert a["probability"] == a["top_probabilities"][0]
+    expected = torch.topk(torch.softmax(scores.double(), 1) if softmax else scores.double(), 5, dim=1)
+    for answer, values in zip(few, expected.values.tolist()):
+        assert answer["top_probabilities"] == pytest.approx(values, rel=1e-12)
+
+
 def test_a_param_changes_the_answer_but_not_the_columns(text_model):
     one = text_model.predict(EXAMPLE_TEXTS)
     two = text_model.predict(EXAMPLE_TEXTS, params={"k": 2})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -11,12 +12,17 @@ from mlflow_fullmodel.transform import Param, Transform
 
 __all__ = ["TopK"]
 
+#: Up to this many rows (a served request), the answer is worked out in Python: each torch call
+#: releases the GIL, which a scoring server's other threads are waiting for.
+_PYTHON_ROWS = 8
+
 
 class TopK(Transform):
     """Turn one row of class scores into the best label, its probability and the top ``k``.
 
     Output columns: ``label``, ``probability``, ``top_labels`` and ``top_probabilities`` (lists of
-    length ``k``). The columns are the same whatever ``k`` is.
+    length ``k``). The columns are the same whatever ``k`` is. Of labels with equal probability,
+    the one listed first in ``labels`` comes first.
 
     Args:
         labels: The class names, in the order of the model's output scores.
@@ -49,12 +55,17 @@ class TopK(Transform):
                     f"TopK: the module returned {tuple(scores.shape)} scores per row for "
                     f"{len(self.labels)} labels."
                 )
-        # All rows in one softmax and one topk.
-        scores = torch.stack(rows).double()
-        probabilities = torch.softmax(scores, dim=1) if self.softmax else scores
-        values, indices = torch.topk(probabilities, k, dim=1)
+        if len(rows) <= _PYTHON_ROWS:
+            tops = [_top_k(scores.tolist(), k, self.softmax) for scores in rows]
+        else:
+            # All rows in one softmax and one sort; a stable sort, not topk, whose order of ties
+            # is unspecified, so that ties go to the lower index as in the Python path.
+            scores = torch.stack(rows).double()
+            probabilities = torch.softmax(scores, dim=1) if self.softmax else scores
+            values, indices = torch.sort(probabilities, dim=1, descending=True, stable=True)
+            tops = list(zip(values[:, :k].tolist(), indices[:, :k].tolist()))
         answers = []
-        for top_values, top_indices in zip(values.tolist(), indices.tolist()):
+        for top_values, top_indices in tops:
             top_labels = [self.labels[i] for i in top_indices]
             answers.append({
                 "label": top_labels[0],
@@ -63,3 +74,15 @@ class TopK(Transform):
                 "top_probabilities": top_values,
             })
         return answers
+
+
+def _top_k(scores: list[float], k: int, softmax: bool) -> tuple[list[float], list[int]]:
+    """One row's ``k`` best probabilities and their indices: the softmax computed as torch does,
+    in float64 (exp(x - max) / sum), and ties to the lower index."""
+    if softmax:
+        top = max(scores)
+        exps = [math.exp(x - top) for x in scores]
+        total = sum(exps)
+        scores = [x / total for x in exps]
+    indices = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)[:k]
+    return [scores[i] for i in indices], indices
