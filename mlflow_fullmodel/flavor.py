@@ -477,6 +477,7 @@ def tune_scoring_server() -> bool:
     if _SERVER_MODEL_PATH not in os.environ:
         return False
     pd.set_option("mode.string_storage", "python")
+    gc.collect()  # loading's own garbage first: frozen, it would never be freed
     gc.freeze()
     return True
 
