@@ -465,14 +465,14 @@ def tune_scoring_server() -> bool:
     The objects that exist once the model is loaded (MLflow, torch, pandas, the model: several
     hundred thousand) live as long as the server. Frozen, they are left out of the garbage
     collector's full collections, each of which would otherwise stop every request for about
-    50 ms, a few times a second under load.
+    55 ms, about twice a second under load.
 
     Example::
 
         class MyModel(mlflow.pyfunc.PythonModel):
             def load_context(self, context):
                 self.net = torch.jit.load(context.artifacts["net"])
-                mlflow_fullmodel.flavor.tune_scoring_server()
+                mlflow_fullmodel.tune_scoring_server()
     """
     if _SERVER_MODEL_PATH not in os.environ:
         return False
