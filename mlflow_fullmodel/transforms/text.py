@@ -92,7 +92,9 @@ class SentencePieceEncode(Transform):
             # Nothing for the model to read: an answer would be noise, so say so.
             raise InputError("the text has no tokens (it is empty or only whitespace)")
         processor = self._processor
-        ids = ids[: self.max_length - self.add_bos - self.add_eos]
+        room = self.max_length - self.add_bos - self.add_eos
+        if len(ids) > room:  # most texts fit: no copy of their ids
+            ids = ids[:room]
         if self.add_bos:
             ids = [processor.bos_id(), *ids]
         if self.add_eos:
