@@ -476,7 +476,10 @@ def tune_scoring_server() -> bool:
     """
     if _SERVER_MODEL_PATH not in os.environ:
         return False
-    pd.set_option("mode.string_storage", "python")
+    try:
+        pd.set_option("mode.string_storage", "python")
+    except (KeyError, ValueError) as error:  # a pandas without the option or the value
+        _logger.info("Request strings stay in pandas' default storage: %s", error)
     gc.collect()  # loading's own garbage first: frozen, it would never be freed
     gc.freeze()
     return True
