@@ -17,7 +17,7 @@ import torch
 from mlflow_fullmodel.exceptions import InputError
 from mlflow_fullmodel.transform import Configurable
 
-__all__ = ["Batch", "PadCollate", "example_length", "length_buckets", "uncollate"]
+__all__ = ["Batch", "PadCollate", "example_length", "length_buckets", "to_device", "uncollate"]
 
 #: The most padding a batch may carry, as a fraction of its real elements, before it is split.
 PADDING_TOLERANCE = 0.25
@@ -32,7 +32,7 @@ class Batch:
     lengths: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(_map_tensors(self.inputs, lambda t: _moved(t, device)), _moved(self.lengths, device))
+        return Batch(to_device(self.inputs, device), to_device(self.lengths, device))
 
 
 class PadCollate(Configurable):
@@ -129,21 +129,16 @@ def _as_tensor(item: Any, where: str, index: int) -> torch.Tensor:
     )
 
 
-def _moved(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    # Skipping a move that changes nothing is not only cheaper: every torch call releases the GIL,
-    # and under a server's concurrent requests every release costs a thread switch.
-    if tensor is None or tensor.device == device:
-        return tensor
-    return tensor.to(device)
-
-
-def _map_tensors(value: Any, fn: Any) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (nested in dicts, tuples and lists) on ``device``."""
     if isinstance(value, torch.Tensor):
-        return fn(value)
+        # Skipping a move that changes nothing is not only cheaper: every torch call releases the
+        # GIL, and under a server's concurrent requests every release costs a thread switch.
+        return value if value.device == device else value.to(device)
     if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(v, fn) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     return value
 
 

@@ -14,13 +14,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlflow_fullmodel.collate import Batch, PadCollate, example_length, length_buckets, uncollate
+from mlflow_fullmodel.collate import Batch, PadCollate, example_length, length_buckets, to_device, uncollate
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ParamError
 from mlflow_fullmodel.forward import CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import ModuleSet, resolve_device
 from mlflow_fullmodel.transform import Configurable, Param, Transform
 
 __all__ = ["FullModel", "answer_records", "apply_step", "records_frame"]
+
+_CPU = torch.device("cpu")
 
 #: Output column used when post-processing returns a single value instead of a dict.
 PREDICTION_COLUMN = "prediction"
@@ -246,7 +248,7 @@ class FullModel:
             outputs = self.forward_strategy(
                 self.modules, batch.to(self.device), self.device, **_own(self.forward_strategy, params)
             )
-        return _to_cpu(outputs)
+        return to_device(outputs, _CPU)
 
     def postprocess(self, outputs: Sequence[Any], params: Mapping[str, Any]) -> list[Any]:
         """Apply each post-processing step to all rows' outputs, in order."""
@@ -328,16 +330,6 @@ def _records(data: Any, columns: list[str]) -> list[dict[str, Any]]:
 
 def _is_missing(value: Any) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
-
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value if value.device.type == "cpu" else value.cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
 
 
 _PLAIN_TYPES = (str, int, float, bool, type(None), bytes)
