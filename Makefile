@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # `mlflow models serve --env-manager local` starts uvicorn from PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench clean
 
 $(BIN)/.installed: requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
