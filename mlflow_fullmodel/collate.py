@@ -19,6 +19,12 @@ from mlflow_fullmodel.transform import Configurable
 
 __all__ = ["Batch", "PadCollate", "example_length", "length_buckets", "to_device", "uncollate"]
 
+#: Tensor types that numpy holds as they are, so that padding can be done in numpy.
+_NUMPY_DTYPES = frozenset({
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.float32, torch.float64,
+})
+
 #: The most padding a batch may carry, as a fraction of its real elements, before it is split.
 PADDING_TOLERANCE = 0.25
 
@@ -54,15 +60,32 @@ class PadCollate(Configurable):
 
     def __call__(self, examples: Sequence[Any]) -> Batch:
         if all(type(e) is torch.Tensor and e.dim() == 1 for e in examples):
-            # The common case (token ids), without the general walk below.
-            sizes = [e.shape[0] for e in examples]
-            padded = torch.nn.utils.rnn.pad_sequence(
-                list(examples), batch_first=True, padding_value=self.pad_value, padding_side=self.pad_side
-            )
-            return Batch(padded, torch.from_numpy(np.array(sizes, dtype=np.int64)))
+            return self._pad_rows(examples)  # the common case (token ids), without the walk below
         lengths: list[torch.Tensor] = []
         inputs = self._collate(list(examples), "example", lengths)
         return Batch(inputs, lengths[0] if lengths else None)
+
+    def _pad_rows(self, rows: Sequence[torch.Tensor]) -> Batch:
+        sizes = np.fromiter((row.shape[0] for row in rows), dtype=np.int64, count=len(rows))
+        flat = torch.cat(list(rows))
+        if flat.dtype in _NUMPY_DTYPES and flat.device.type == "cpu":
+            # One masked assignment in numpy instead of a copy per row: about half the time for
+            # a batch of 32 short texts.
+            positions = np.arange(sizes.max(initial=0))
+            if self.pad_side == "right":
+                real = positions < sizes[:, None]
+            else:
+                real = positions >= len(positions) - sizes[:, None]
+            values = flat.numpy()
+            padded = np.full(real.shape, self.pad_value, dtype=values.dtype)
+            padded[real] = values
+            return Batch(torch.from_numpy(padded), torch.from_numpy(sizes))
+        return Batch(
+            torch.nn.utils.rnn.pad_sequence(
+                list(rows), batch_first=True, padding_value=self.pad_value, padding_side=self.pad_side
+            ),
+            torch.from_numpy(sizes),
+        )
 
     def _collate(self, items: list[Any], where: str, lengths: list[torch.Tensor]) -> Any:
         first = items[0]

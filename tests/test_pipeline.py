@@ -163,6 +163,20 @@ class TestPadCollate:
         batch = PadCollate(pad_side="left")([torch.tensor([1, 2, 3]), torch.tensor([4])])
         assert batch.inputs.tolist() == [[1, 2, 3], [0, 0, 4]]
 
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float32,
+                                       torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("side", ["right", "left"])
+    def test_padding_matches_torch_pad_sequence(self, dtype, side):
+        # bfloat16 has no numpy type: it takes torch's own padding, the others are padded in numpy.
+        generator = torch.Generator().manual_seed(0)
+        rows = [torch.randint(0, 2, (int(n),), generator=generator).to(dtype)
+                for n in torch.randint(0, 7, (9,), generator=generator)]
+        batch = PadCollate(pad_value=1, pad_side=side)(rows)
+        expected = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=1, padding_side=side)
+        assert batch.inputs.dtype == dtype
+        assert torch.equal(batch.inputs, expected)
+        assert batch.lengths.tolist() == [len(row) for row in rows]
+
     def test_stacks_fixed_size_tensors_and_recurses_into_dicts(self):
         batch = PadCollate()([{"image": torch.zeros(3, 2, 2), "ids": torch.tensor([1, 2])},
                               {"image": torch.ones(3, 2, 2), "ids": torch.tensor([3])}])
