@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+from tqdm import tqdm
 
 from benchmarks.common import percentile, saved_models, table
 from benchmarks.models import texts
@@ -111,18 +112,18 @@ def measure(servers_to_start: dict[str, tuple[str, dict[str, str]]], bodies: lis
         for _, url in servers.values():
             asyncio.run(load(url, 4, WARMUP // 4, bodies))
         results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in servers}
-        for clients in CLIENTS:
+        runs = [(clients, name) for clients in CLIENTS for _ in range(repeats) for name in servers]
+        for clients, name in tqdm(runs, desc="serving", unit="run", leave=False, disable=None):
+            process, url = servers[name]
             per_client = REQUESTS_PER_CLIENT[clients]
-            for _ in range(repeats):
-                for name, (process, url) in servers.items():
-                    cpu_before = group_cpu_seconds(process.pid)
-                    wall, latencies = asyncio.run(load(url, clients, per_client, bodies))
-                    cpu = group_cpu_seconds(process.pid) - cpu_before
-                    count = clients * per_client
-                    run = {"rps": count / wall, "p50": percentile(latencies, 50) * 1000,
-                           "p99": percentile(latencies, 99) * 1000, "cpu_ms": cpu / count * 1000}
-                    if run["rps"] > results[name].get(clients, {"rps": 0})["rps"]:
-                        results[name][clients] = run
+            cpu_before = group_cpu_seconds(process.pid)
+            wall, latencies = asyncio.run(load(url, clients, per_client, bodies))
+            cpu = group_cpu_seconds(process.pid) - cpu_before
+            count = clients * per_client
+            run = {"rps": count / wall, "p50": percentile(latencies, 50) * 1000,
+                   "p99": percentile(latencies, 99) * 1000, "cpu_ms": cpu / count * 1000}
+            if run["rps"] > results[name].get(clients, {"rps": 0})["rps"]:
+                results[name][clients] = run
         return results
     finally:
         for process, _ in servers.values():

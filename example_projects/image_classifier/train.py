@@ -33,6 +33,7 @@ import mlflow
 import torch
 from mlflow import MlflowClient
 from torch import nn
+from tqdm import tqdm
 
 import mlflow_fullmodel as fm
 from digits import LABELS, load_pngs, split
@@ -202,7 +203,8 @@ def fit(
         net.train()
         total = 0.0
         order = torch.randperm(len(targets), generator=generator)
-        for start in range(0, len(order), args.batch_size):
+        steps = range(0, len(order), args.batch_size)
+        for start in tqdm(steps, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
             index = order[start : start + args.batch_size]
             optimizer.zero_grad()
             loss = loss_fn(net(inputs[index]), targets[index])

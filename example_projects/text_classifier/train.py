@@ -29,6 +29,7 @@ import sentencepiece
 import torch
 from mlflow import MlflowClient
 from torch import nn
+from tqdm import tqdm
 
 import mlflow_fullmodel as fm
 from data import LABELS, DataError, read_csv, split, synthetic_reviews
@@ -188,7 +189,9 @@ def fit(
     for epoch in range(1, args.epochs + 1):
         net.train()
         total, count = 0.0, 0
-        for ids, lengths, y in batches(train[0], train[1], args.batch_size, generator):
+        progress = tqdm(batches(train[0], train[1], args.batch_size, generator), desc=f"epoch {epoch}",
+                        total=-(-len(train[0]) // args.batch_size), unit="batch", leave=False, disable=None)
+        for ids, lengths, y in progress:
             optimizer.zero_grad()
             loss = loss_fn(net(ids, lengths), y)
             loss.backward()

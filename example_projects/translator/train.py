@@ -30,6 +30,7 @@ import sentencepiece
 import torch
 from mlflow import MlflowClient
 from torch import nn
+from tqdm import tqdm
 
 import mlflow_fullmodel as fm
 from data import parallel_corpus, split
@@ -203,7 +204,9 @@ def fit(
     for epoch in range(1, args.epochs + 1):
         net.train()
         total, count = 0.0, 0
-        for src, lengths, target_in, target_out in batches(train[0], train[1], args.batch_size, generator):
+        progress = tqdm(batches(train[0], train[1], args.batch_size, generator), desc=f"epoch {epoch}",
+                        total=-(-len(train[0]) // args.batch_size), unit="batch", leave=False, disable=None)
+        for src, lengths, target_in, target_out in progress:
             optimizer.zero_grad()
             loss = loss_fn(net(src, lengths, target_in).flatten(0, 1), target_out.flatten())
             loss.backward()
