@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -183,7 +184,11 @@ def _write_model(
     mlflow_model = mlflow_model if mlflow_model is not None else Model()
     if golden is not None:
         example = pd.DataFrame(_records(fullmodel, golden.inputs))
-        _save_example(mlflow_model, (example, golden.params) if golden.params else example, path)
+        with warnings.catch_warnings():
+            # MLflow compares the example's column names with a range, which pandas 3 deprecates:
+            # a warning about MLflow's internals that nobody saving a model can act on.
+            warnings.filterwarnings("ignore", message="Operation with range is deprecated")
+            _save_example(mlflow_model, (example, golden.params) if golden.params else example, path)
     if signature is None and golden is not None:
         signature = _infer_signature(fullmodel, golden)
     if signature:
