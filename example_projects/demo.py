@@ -107,6 +107,9 @@ def main() -> None:
     env.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     # `mlflow models serve --env-manager local` starts uvicorn from PATH.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    if not sys.stdout.isatty():
+        # MLflow draws its artifact download bar even when the output is a file.
+        env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for folder, registered_name, payload in examples():
         run_example(folder, registered_name, payload, env)
 
