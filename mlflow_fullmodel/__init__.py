@@ -34,6 +34,7 @@ from mlflow_fullmodel.exceptions import (
     ModelFormatError,
     ParamError,
     ParityError,
+    SignatureError,
 )
 from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
 from mlflow_fullmodel.forward import AverageOverSamples, CallModule, ForwardStrategy
@@ -65,6 +66,7 @@ __all__ = [
     "Param",
     "ParamError",
     "ParityError",
+    "SignatureError",
     "Transform",
     "script",
     "transform",

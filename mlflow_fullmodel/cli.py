@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -11,13 +13,26 @@ from mlflow_fullmodel.exceptions import FullModelError
 
 
 def _download(model_uri: str) -> str:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+    from mlflow_fullmodel.exceptions import ModelFormatError
+    from mlflow_fullmodel.verification import download_model
 
     try:
-        return _download_artifact_from_uri(model_uri)
-    except (MlflowException, OSError) as error:
+        return download_model(model_uri)
+    except ModelFormatError as error:
         raise click.BadParameter(str(error), param_hint="MODEL_URI") from None
+
+
+@contextmanager
+def _errors_as_messages() -> Iterator[None]:
+    """Our errors and MLflow's (a missing version, an unreachable server) as one line, no traceback."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except FullModelError as error:
+        raise click.ClickException(str(error)) from None
+    except MlflowException as error:
+        raise click.ClickException(error.message) from None
 
 
 @click.group()
@@ -27,27 +42,38 @@ def main() -> None:
 
 @main.command()
 @click.argument("model_uri")
-def verify(model_uri: str) -> None:
-    """Check a model before promoting it: every file against its sha256, then load it in a clean
-    Python process and require it to reproduce its golden example.
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
+              help="Require a signature made with the private half of this PEM public key.")
+def verify(model_uri: str, public_key: str | None) -> None:
+    """Check a model before serving or promoting it: every file against the digest recorded in the
+    registry and against the model's manifest, the spec, the signature (with --public-key), then
+    load it in a clean Python process and require it to reproduce its golden example.
 
     MODEL_URI is anything MLflow resolves: models:/name@alias, models:/name/1, runs:/id/model, a path.
     """
-    from mlflow_fullmodel.flavor import FLAVOR_NAME, check_parity_of
-    from mlflow_fullmodel.storage import load_fullmodel, read_golden
+    from mlflow_fullmodel.verification import verify_model
 
-    path = _download(model_uri)
-    try:
-        from mlflow.utils.model_utils import _get_flavor_configuration
+    with _errors_as_messages():
+        report = verify_model(model_uri, public_key=public_key)
+    recorded = f", matching the digest recorded in {report.record.source}" if report.record else \
+        " (no digest recorded in a registry for this URI: checked against its own manifest)"
+    click.echo(f"OK: {model_uri} is intact ({report.digest}{recorded}); checked: {', '.join(report.checks)}. "
+               "It reproduces its golden example in a clean process.")
 
-        folder = os.path.join(path, _get_flavor_configuration(path, FLAVOR_NAME)["data"])
-        load_fullmodel(folder)  # integrity: hashes of every file
-        if read_golden(folder) is None:
-            raise click.ClickException(f"{model_uri} has no golden example to check (saved with check_parity=False).")
-        check_parity_of(path)
-    except FullModelError as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"OK: {model_uri} is intact and reproduces its golden example in a clean process.")
+
+@main.command()
+@click.argument("model_uri")
+@click.option("--key", "private_key", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="An elliptic-curve private key (PEM).")
+@click.option("--password", default=None, help="The private key's password, if it has one.")
+def sign(model_uri: str, private_key: str, password: str | None) -> None:
+    """Sign a model (a local folder, or a logged or registered model in its artifact store) with a
+    private key; check it later with: mlflow-fullmodel verify MODEL_URI --public-key KEY.pub"""
+    from mlflow_fullmodel.verification import sign_model
+
+    with _errors_as_messages():
+        where = sign_model(model_uri, private_key, password)
+    click.echo(f"Signed {model_uri}: {where}")
 
 
 @main.command()
@@ -55,16 +81,12 @@ def verify(model_uri: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the whole spec as JSON.")
 def describe(model_uri: str, as_json: bool) -> None:
     """Show a model's steps, runtime parameters, modules and requirements."""
-    from mlflow_fullmodel.flavor import FLAVOR_NAME
+    from mlflow_fullmodel.flavor import flavor_configuration
     from mlflow_fullmodel.storage import read_spec
 
     path = _download(model_uri)
-    try:
-        from mlflow.utils.model_utils import _get_flavor_configuration
-
-        spec = read_spec(os.path.join(path, _get_flavor_configuration(path, FLAVOR_NAME)["data"]))
-    except FullModelError as error:
-        raise click.ClickException(str(error)) from None
+    with _errors_as_messages():
+        spec = read_spec(os.path.join(path, flavor_configuration(path)["data"]))
     if as_json:
         click.echo(json.dumps(spec, indent=2))
         return

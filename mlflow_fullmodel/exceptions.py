@@ -35,6 +35,10 @@ class IntegrityError(ModelFormatError):
     """A file of a saved model is missing, was changed, or was added after saving."""
 
 
+class SignatureError(IntegrityError):
+    """A model is not signed, or not by the expected key, or changed since it was signed."""
+
+
 class ParityError(FullModelError):
     """A reloaded model did not reproduce the outputs recorded when it was saved."""
 

@@ -5,6 +5,8 @@ An MLflow model written here holds, beside MLflow's own files::
 
     fullmodel/               the saved FullModel (spec, modules, artifacts, captured code, golden)
     code/mlflow_fullmodel/   this runtime, so the model loads where mlflow_fullmodel is not installed
+    MANIFEST.json            the sha256 of every file of the MLflow model, checked on every load;
+                             its digest is recorded as a tag of the logged model and model version
 
 Example::
 
@@ -28,6 +30,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import pandas as pd
@@ -62,10 +65,12 @@ from mlflow.utils.model_utils import (
 
 import mlflow_fullmodel
 from mlflow_fullmodel.batching import MicroBatcher
-from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ParamError
+from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ModelFormatError, ParamError
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
 from mlflow_fullmodel.pipeline import FullModel, records_frame
+from mlflow_fullmodel.registry import record_digest
 from mlflow_fullmodel.storage import FORMAT_VERSION, load_fullmodel, make_golden, save_fullmodel
+from mlflow_fullmodel.storage.integrity import Manifest, confined_path, verify_manifest, write_manifest
 
 __all__ = [
     "FLAVOR_NAME", "get_default_pip_requirements", "load_model", "log_model", "save_model", "tune_scoring_server",
@@ -83,6 +88,11 @@ _SERVER_MODEL_PATH = "__pyfunc_model_path__"
 _SERVING_ENVIRONMENT = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 
 _SCHEMA_TYPES = {str: "string", bytes: "binary", bool: "boolean", int: "long", float: "double"}
+
+# The manifest save_model wrote, handed to the log_model call around it (MLflow's Model.log sits in
+# between and returns only its ModelInfo), so that its digest is recorded from what was written
+# rather than read back from the artifact store.
+_SAVED_MANIFEST: ContextVar[list[Manifest] | None] = ContextVar("_SAVED_MANIFEST", default=None)
 
 
 def _pinned(distribution: str) -> str:
@@ -177,7 +187,7 @@ def _write_model(
     extra_pip_requirements: Any,
     metadata: dict[str, Any] | None,
 ) -> None:
-    spec = save_fullmodel(fullmodel, os.path.join(path, _DATA_SUBPATH), golden)
+    spec = save_fullmodel(fullmodel, os.path.join(path, _DATA_SUBPATH), golden, manifest=False)
     _validate_and_copy_code_paths(code_paths, path)
     _embed_runtime(os.path.join(path, _CODE_SUBPATH))
 
@@ -235,6 +245,10 @@ def _write_model(
         write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
     write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
     _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+    manifest = write_manifest(path)  # last: it covers every file above
+    saved = _SAVED_MANIFEST.get()
+    if saved is not None:
+        saved.append(manifest)
 
 
 def check_parity_of(model_path: str, digests: list[list[str]] | None = None) -> None:
@@ -243,12 +257,37 @@ def check_parity_of(model_path: str, digests: list[list[str]] | None = None) -> 
     Raises:
         ParityError: The model, loaded in a clean process, does not reproduce its golden example.
     """
-    flavor = _get_flavor_configuration(model_path, FLAVOR_NAME)
+    flavor = flavor_configuration(model_path)
     check_parity(
         os.path.join(model_path, flavor["data"]),
         runtime_dir=os.path.join(model_path, flavor["code"]),
         digests=digests,
+        root=model_path,
     )
+
+
+def flavor_configuration(model_path: str) -> dict[str, Any]:
+    """The fullmodel flavor block of the MLflow model at ``model_path``, with its format version
+    and folders checked.
+
+    Raises:
+        ModelFormatError: The model has no fullmodel flavor, or one of another format version.
+        IntegrityError: Its folders are not inside the model.
+    """
+    try:
+        flavor = _get_flavor_configuration(model_path, FLAVOR_NAME)
+    except MlflowException as error:
+        raise ModelFormatError(f"{model_path} is not a fullmodel MLflow model: {error.message}") from None
+    version = flavor.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFormatError(
+            f"The fullmodel flavor of {model_path} has format version {version!r}; this mlflow_fullmodel "
+            f"reads version {FORMAT_VERSION}. Load it with the release that saved it (the runtime "
+            "embedded in the model's code folder), or save it again."
+        )
+    for key in ("data", "code"):
+        confined_path(flavor.get(key), f"the fullmodel flavor's '{key}' folder")
+    return flavor
 
 
 def _embed_runtime(code_dir: str) -> None:
@@ -322,6 +361,11 @@ def log_model(
 ) -> Any:
     """Log a FullModel to the current MLflow run (or as a logged model) and optionally register it.
 
+    The digest of the model's manifest is recorded in the tracking store, where write access to the
+    artifact store cannot change it: tag ``fullmodel.digest`` of the logged model and of the model
+    version (which also gets the manifest, ``fullmodel.manifest``), ``fullmodel.digest.<name>`` of
+    the run. ``mlflow-fullmodel verify`` checks downloaded files against it.
+
     Args:
         fullmodel: The FullModel to log.
         artifact_path: Deprecated by MLflow; use ``name``.
@@ -342,32 +386,40 @@ def log_model(
                                 registered_model_name="reviews")
         loaded = mlflow.pyfunc.load_model(info.model_uri)
     """
-    return Model.log(
-        artifact_path=artifact_path,
-        name=name,
-        flavor=sys.modules[__name__],
-        fullmodel=fullmodel,
-        conda_env=conda_env,
-        code_paths=code_paths,
-        registered_model_name=registered_model_name,
-        signature=signature,
-        input_example=input_example,
-        await_registration_for=await_registration_for,
-        pip_requirements=pip_requirements,
-        extra_pip_requirements=extra_pip_requirements,
-        metadata=metadata,
-        check_parity=check_parity,
-        params=params,
-        tags=tags,
-        model_type=model_type,
-        step=step,
-        model_id=model_id,
-        **kwargs,
-    )
+    saved: list[Manifest] = []
+    token = _SAVED_MANIFEST.set(saved)
+    try:
+        info = Model.log(
+            artifact_path=artifact_path,
+            name=name,
+            flavor=sys.modules[__name__],
+            fullmodel=fullmodel,
+            conda_env=conda_env,
+            code_paths=code_paths,
+            registered_model_name=registered_model_name,
+            signature=signature,
+            input_example=input_example,
+            await_registration_for=await_registration_for,
+            pip_requirements=pip_requirements,
+            extra_pip_requirements=extra_pip_requirements,
+            metadata=metadata,
+            check_parity=check_parity,
+            params=params,
+            tags=tags,
+            model_type=model_type,
+            step=step,
+            model_id=model_id,
+            **kwargs,
+        )
+    finally:
+        _SAVED_MANIFEST.reset(token)
+    record_digest(info, saved[-1], registered_model_name)
+    return info
 
 
 def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu") -> FullModel:
-    """Load a fullmodel MLflow model as a ``FullModel``.
+    """Load a fullmodel MLflow model as a ``FullModel``, after checking every file against the
+    model's manifest, the flavor's format version, and the spec's paths and steps.
 
     Args:
         model_uri: ``runs:/<run_id>/<name>``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``,
@@ -376,7 +428,9 @@ def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu")
         device: Where the forward pass runs: ``"cpu"`` or ``"cuda[:index]"``.
 
     Raises:
-        IntegrityError: A file of the model was changed, removed or added since it was saved.
+        IntegrityError: A file of the model was changed, removed or added since it was saved, or
+            its spec names a path outside the model or a step that is not the model's own.
+        ModelFormatError: The model was saved in another format version.
 
     Example::
 
@@ -384,8 +438,9 @@ def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu")
         model.predict(["What a film!"], params={"k": 2})
     """
     local_path = _download_artifact_from_uri(model_uri, output_path=dst_path)
-    flavor = _get_flavor_configuration(local_path, FLAVOR_NAME)
-    return load_fullmodel(os.path.join(local_path, flavor["data"]), device=device)
+    manifest = verify_manifest(local_path)
+    flavor = flavor_configuration(local_path)
+    return load_fullmodel(os.path.join(local_path, flavor["data"]), device, root=local_path, manifest=manifest)
 
 
 class _FullModelWrapper:
@@ -501,7 +556,10 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Full
     if threads:
         torch.set_num_threads(threads)
     try:
-        fullmodel = load_fullmodel(path, device=config["device"])
+        root = os.path.dirname(os.path.normpath(path))
+        manifest = verify_manifest(root)
+        flavor_configuration(root)
+        fullmodel = load_fullmodel(path, config["device"], root=root, manifest=manifest)
     except FullModelError as error:
         raise MlflowException(str(error)) from error
     batching = config["batching"]

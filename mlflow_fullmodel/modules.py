@@ -13,7 +13,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -165,10 +165,11 @@ def save_module(module: Any, folder: str, name: str) -> tuple[str, str]:
     return filename, kind
 
 
-def load_module(path: str, kind: str) -> Any:
+def load_module(source: str | IO[bytes], kind: str) -> Any:
+    """Load a module archive from a path or from bytes already read (and checked)."""
     if kind == TORCHSCRIPT:
         with quiet_torch_jit():
-            return torch.jit.load(path, map_location="cpu")
+            return torch.jit.load(source, map_location="cpu")
     if kind == TORCH_EXPORT:
-        return torch.export.load(path)
-    raise ConfigError(f"Unknown module format {kind!r} for {os.path.basename(path)}.")
+        return torch.export.load(source)
+    raise ConfigError(f"Unknown module format {kind!r}; this runtime reads {TORCHSCRIPT!r} and {TORCH_EXPORT!r}.")

@@ -38,7 +38,7 @@ ABS_TOL = 1e-6
 # fixed, and the installed mlflow_fullmodel (if any) must not be the one found.
 _CHILD = r"""
 import importlib.machinery, json, sys
-runtime, folder, expected = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+runtime, folder, root, expected = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 
 class _EmbeddedRuntimeOnly:
     def find_spec(self, name, path=None, target=None):
@@ -53,7 +53,7 @@ sys.meta_path.insert(0, _EmbeddedRuntimeOnly())
 sys.dont_write_bytecode = True
 try:
     from mlflow_fullmodel.parity import _child_report
-    report = _child_report(folder, expected)
+    report = _child_report(folder, expected, root)
 except BaseException as error:
     report = {"error": type(error).__name__ + ": " + str(error)}
 print("\n@@parity@@" + json.dumps(report))
@@ -124,10 +124,10 @@ def _close(want: Any, got: Any) -> bool:
     return type(want) is type(got) and want == got
 
 
-def _child_report(folder: str, expected_digests: list[list[str]] | None) -> dict[str, Any]:
+def _child_report(folder: str, expected_digests: list[list[str]] | None, root: str) -> dict[str, Any]:
     import mlflow_fullmodel
 
-    model = load_fullmodel(folder)
+    model = load_fullmodel(folder, root=root)
     golden = read_golden(folder)
     if golden is None:
         return {"error": "the model has no golden example to check"}
@@ -149,6 +149,7 @@ def check_parity(
     runtime_dir: str | None = None,
     digests: list[list[str]] | None = None,
     timeout: float = 600,
+    root: str | None = None,
 ) -> None:
     """Load the model in ``folder`` in a fresh process and compare its golden outputs.
 
@@ -159,6 +160,8 @@ def check_parity(
         digests: What ``preprocess_digests`` gave in the saving process; when given, a
             mismatch also names the first pre-processing step whose output differs.
         timeout: Seconds the child process may take.
+        root: The folder whose manifest covers ``folder`` (the MLflow model's root); ``folder``
+            itself by default.
 
     Raises:
         ParityError: The model failed to load in the fresh process, or its outputs differ.
@@ -169,7 +172,7 @@ def check_parity(
     with tempfile.TemporaryDirectory(prefix="fullmodel-parity-") as cwd:
         result = subprocess.run(
             [sys.executable, "-I", "-c", _CHILD, os.path.abspath(runtime_dir), os.path.abspath(folder),
-             json.dumps(digests)],
+             os.path.abspath(root or folder), json.dumps(digests)],
             cwd=cwd,
             capture_output=True,
             text=True,

@@ -9,13 +9,14 @@ shown by ``repr`` and stored as JSON when the model is saved. Anything else a st
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
-from mlflow_fullmodel.exceptions import ConfigError, ParamError
+from mlflow_fullmodel.exceptions import ConfigError, IntegrityError, ParamError
 
 __all__ = ["Artifact", "Configurable", "Param", "Transform", "transform"]
 
@@ -24,21 +25,40 @@ class Artifact(os.PathLike):
     """A file or directory a step needs at inference time (a tokenizer model, a vocabulary, ...).
 
     It is copied into the saved model under a stable name, hashed, and re-pointed at the copy when
-    the model is loaded. Use it wherever a path is expected (``open(artifact)``, ``os.fspath``).
+    the model is loaded. Use it wherever a path is expected (``open(artifact)``, ``os.fspath``), or
+    read a file with ``read_bytes()``, which checks a loaded model's file against its recorded hash.
 
     Args:
         path: The file or directory on the local file system.
+        sha256: The hash the file must have; set by the loader for the files of a saved model.
 
     Example::
 
         SentencePieceEncode(Artifact("spm.model"), max_length=256)
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, sha256: str | None = None) -> None:
         self.path = os.fspath(path)
+        self.sha256 = sha256
 
     def __fspath__(self) -> str:
         return self.path
+
+    def read_bytes(self) -> bytes:
+        """The file's content, checked against ``sha256`` when there is one: read and checked in
+        one go, so a file swapped after the model was loaded is refused, not used.
+
+        Raises:
+            IntegrityError: The file does not have the recorded hash.
+        """
+        with open(self.path, "rb") as f:
+            data = f.read()
+        if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256:
+            raise IntegrityError(
+                f"The artifact {self.path} changed after the model was saved: its sha256 does not "
+                "match the model's manifest. Restore the model from its source (download it again)."
+            )
+        return data
 
     def __repr__(self) -> str:
         return f"Artifact({self.path!r})"

@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 
 import mlflow_fullmodel as fm
-from mlflow_fullmodel.storage.folder import _decode_config, _encode_config, _Plan
+from mlflow_fullmodel.storage.folder import _decode_config, _encode_config, _Plan, _VerifiedFiles
+from mlflow_fullmodel.storage.integrity import Manifest
 
 
 def round_trip(step: fm.transform.Configurable, folder: str | Path | None = None) -> fm.transform.Configurable:
@@ -19,7 +20,8 @@ def round_trip(step: fm.transform.Configurable, folder: str | Path | None = None
     for source, dest in plan.artifacts:
         (folder / dest).parent.mkdir(parents=True, exist_ok=True)
         (folder / dest).write_bytes(Path(source).read_bytes())
-    return type(step)(**_decode_config(encoded, str(folder)))
+    files = _VerifiedFiles(str(folder), "", Manifest.of_folder(str(folder), skip_bytecode=True).files)
+    return type(step)(**_decode_config(encoded, files, "stage[0]"))
 
 
 def plain_config(step: fm.transform.Configurable) -> dict:

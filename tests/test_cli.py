@@ -39,7 +39,7 @@ def test_verify_fails_on_a_tampered_file_naming_it(tmp_path, model_path):
     golden.write_text(golden.read_text().replace('"params": {}', '"params": {"k": 2}'))
     result = CliRunner().invoke(main, ["verify", str(copy)])
     assert result.exit_code == 1
-    assert "changed since saving: ['golden.json']" in result.output
+    assert "changed since saving: ['fullmodel/golden.json']" in result.output
     assert "Traceback" not in result.output
 
 
@@ -54,4 +54,5 @@ def test_describe_shows_steps_params_and_modules(model_path):
 def test_a_uri_that_does_not_resolve_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["describe", str(tmp_path / "nothing")])
     assert result.exit_code == 2
-    assert "Invalid value for MODEL_URI: No such artifact" in result.output
+    assert "Invalid value for MODEL_URI: Cannot download" in result.output
+    assert "No such artifact" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from sample_steps import LABELS
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
 from mlflow_fullmodel.storage import load_fullmodel, make_golden, read_spec, save_fullmodel
+from mlflow_fullmodel.storage.integrity import verify_manifest
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
 
 
@@ -60,20 +62,31 @@ def test_a_loaded_model_predicts_exactly_like_the_one_saved(tmp_path, text_model
     )
 
 
-def test_the_spec_is_readable_json_naming_steps_params_modules_and_file_hashes(tmp_path, text_model):
+def test_the_spec_is_readable_json_naming_steps_params_and_modules(tmp_path, text_model):
     folder = saved(tmp_path, text_model)
     spec = read_spec(folder)
-    assert spec["format_version"] == 1
+    assert spec["format_version"] == 2
     assert [s["target"] for s in spec["preprocess"]] == [
         "sample_steps:Normalize", "mlflow_fullmodel.transforms.text:SentencePieceEncode",
     ]
     assert spec["preprocess"][1]["config"]["max_length"] == 32
     assert spec["params"]["k"] == {"default": 1, "minimum": 1, "maximum": 2, "type": "int", "step": "postprocess[0]"}
     assert spec["modules"] == {"main": {"file": "modules/main.pt", "format": "torchscript"}}
-    assert "code/sample_steps.py" in spec["files"] or "code/sample_steps.py" in spec["code"]
-    on_disk = {str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()}
-    assert set(spec["files"]) == on_disk - {"fullmodel.json"}
+    assert "code/sample_steps.py" in spec["code"]
     assert "sentencepiece" in spec["requirements"]
+
+
+def test_the_manifest_hashes_every_other_file_of_the_folder_and_its_digest_is_the_manifests_sha256(
+    tmp_path, text_model
+):
+    folder = Path(saved(tmp_path, text_model))
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk - {"MANIFEST.json"}
+    assert "fullmodel.json" in manifest["files"]
+    assert manifest["files"]["golden.json"] == hashlib.sha256((folder / "golden.json").read_bytes()).hexdigest()
+    digest = verify_manifest(str(folder)).digest
+    assert digest == "sha256:" + hashlib.sha256((folder / "MANIFEST.json").read_bytes()).hexdigest()
 
 
 def test_no_file_in_a_saved_model_is_a_pickle_outside_the_module_archives(tmp_path, text_model):

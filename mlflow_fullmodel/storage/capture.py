@@ -81,6 +81,7 @@ class CodeCapture:
                 f"{module_name} gives. Define it at module level under its own name. A step of a "
                 "model loaded from MLflow cannot be captured again: save from the training code."
             )
+        self._check_own_code(module_name, qualname, label)
         self.add_module(module_name, label)
         return f"{module_name}:{qualname}"
 
@@ -101,6 +102,22 @@ class CodeCapture:
         if source is not None:
             self.files[f"{MAIN_MODULE}.py"] = source
             self._scan_imports(source, MAIN_MODULE, package="", label=f"module {MAIN_MODULE}")
+
+    def _check_own_code(self, module_name: str, qualname: str, label: str) -> None:
+        # A loaded model accepts only steps of its captured code or of the runtime, so that an edited
+        # spec cannot name any importable callable; a step from an installed package is refused here
+        # rather than when the model is loaded.
+        top = module_name.split(".")[0]
+        if top == RUNTIME_PACKAGE:
+            return
+        origin = _origin(module_name, quiet=True)
+        if origin is None or not self._is_local(origin):
+            raise CodeCaptureError(
+                f"{label}: {qualname} is defined in the installed package '{top}', not in your project, "
+                "and a saved model's steps must be its own captured code or mlflow_fullmodel's. Define "
+                f"a subclass in a module of your project (class My{qualname.split('.')[-1]}"
+                f"({module_name}.{qualname}): ...); '{top}' then becomes a requirement of the model."
+            )
 
     # -- modules of the user's project -----------------------------------------------------------
 

@@ -4,16 +4,23 @@ golden example. Nothing is pickled.
 ::
 
     fullmodel.json           format version, steps (import target + JSON config), modules, params,
-                             batching, requirements and the sha256 of every other file
+                             batching, requirements
     modules/<name>.pt|.pt2   TorchScript archive or torch.export program
     artifacts/<step>/<arg>/  the files Artifact arguments pointed to
     code/                    the user's processing code, as source, package layout kept
     golden.json              example inputs, params, and the outputs the saving process produced
+    MANIFEST.json            the sha256 of every file (in a bare folder; an MLflow model has one
+                             manifest at its root, covering this folder too)
+
+A folder is untrusted input when it is loaded: the manifest is checked before anything else is read,
+every path in the spec must stay inside the folder, and every step must be a step class of the
+model's captured code or of mlflow_fullmodel (see ``imports.import_steps``).
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import os
@@ -26,17 +33,17 @@ import pandas as pd
 import torch
 
 from mlflow_fullmodel import __version__
-from mlflow_fullmodel.exceptions import ConfigError, ModelFormatError
+from mlflow_fullmodel.exceptions import ConfigError, IntegrityError, ModelFormatError
 from mlflow_fullmodel.modules import load_module, save_module
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.storage.capture import CodeCapture
-from mlflow_fullmodel.storage.imports import import_targets
-from mlflow_fullmodel.storage.integrity import hash_files, verify_files
+from mlflow_fullmodel.storage.imports import import_steps
+from mlflow_fullmodel.storage.integrity import Manifest, confined_path, read_verified, verify_manifest, write_manifest
 from mlflow_fullmodel.transform import Artifact, Configurable, Param
 
 __all__ = ["FORMAT_VERSION", "SPEC_FILE", "GOLDEN_FILE", "Golden", "load_fullmodel", "read_spec", "save_fullmodel"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPEC_FILE = "fullmodel.json"
 GOLDEN_FILE = "golden.json"
 CODE_DIR = "code"
@@ -141,22 +148,54 @@ def _encode_plain(value: Any, where: str) -> Any:
     )
 
 
-def _decode_config(config: Mapping[str, Any], folder: str) -> dict[str, Any]:
-    return {name: _decode_plain(value, folder) for name, value in config.items()}
+def _decode_config(config: Mapping[str, Any], files: _VerifiedFiles, label: str) -> dict[str, Any]:
+    return {name: _decode_plain(value, files, f"{label}, argument '{name}'") for name, value in config.items()}
 
 
-def _decode_plain(value: Any, folder: str) -> Any:
+def _decode_plain(value: Any, files: _VerifiedFiles, where: str) -> Any:
     if isinstance(value, list):
-        return [_decode_plain(v, folder) for v in value]
+        return [_decode_plain(v, files, where) for v in value]
     if isinstance(value, dict):
         if set(value) == {_ARTIFACT}:
-            return Artifact(os.path.join(folder, value[_ARTIFACT]))
+            return files.artifact(value[_ARTIFACT], where)
         if set(value) == {_PARAM}:
             return Param.from_dict(value[_PARAM])
         if set(value) == {_TUPLE}:
-            return tuple(_decode_plain(v, folder) for v in value[_TUPLE])
-        return {k: _decode_plain(v, folder) for k, v in value.items()}
+            return tuple(_decode_plain(v, files, where) for v in value[_TUPLE])
+        return {k: _decode_plain(v, files, where) for k, v in value.items()}
     return value
+
+
+@dataclass(frozen=True)
+class _VerifiedFiles:
+    """The files of a loaded model, checked against its manifest; the spec's paths resolve here."""
+
+    root: str
+    folder: str  # the FullModel folder, relative to root with a trailing "/" ("" when it is root)
+    hashes: Mapping[str, str]
+
+    def _key(self, relative: Any, what: str) -> str:
+        return self.folder + confined_path(relative, what)
+
+    def path(self, relative: Any, what: str) -> str:
+        """The local path of a file of the model."""
+        key = self._key(relative, what)
+        if key not in self.hashes:
+            raise IntegrityError(f"{what}: {relative!r} is not a file of the model (not in its manifest).")
+        return os.path.join(self.root, *key.split("/"))
+
+    def read(self, relative: Any, what: str) -> bytes:
+        path = self.path(relative, what)
+        return read_verified(path, self.hashes[self._key(relative, what)])
+
+    def artifact(self, relative: Any, what: str) -> Artifact:
+        """A file artifact carries its hash, so it is checked again when it is read."""
+        key = self._key(relative, what)
+        if key in self.hashes:
+            return Artifact(self.path(relative, what), sha256=self.hashes[key])
+        if not any(k.startswith(key + "/") for k in self.hashes):
+            raise IntegrityError(f"{what}: the artifact {relative!r} is not part of the model (not in its manifest).")
+        return Artifact(os.path.join(self.root, *key.split("/")))
 
 
 def _plan(model: FullModel) -> _Plan:
@@ -191,11 +230,14 @@ def _plan(model: FullModel) -> _Plan:
     return plan
 
 
-def save_fullmodel(model: FullModel, folder: str, golden: Golden | None = None) -> dict[str, Any]:
+def save_fullmodel(
+    model: FullModel, folder: str, golden: Golden | None = None, *, manifest: bool = True
+) -> dict[str, Any]:
     """Write ``model`` into the empty or missing ``folder`` and return its spec.
 
     Everything that can be checked (configuration as JSON, code capture) is checked before anything
-    is written; if writing fails, the folder is removed again.
+    is written; if writing fails, the folder is removed again. With ``manifest=False`` the caller
+    writes the manifest, in a folder around this one (the MLflow model's root).
     """
     if not isinstance(model, FullModel):
         raise TypeError(f"Expected a FullModel, got {type(model).__name__}.")
@@ -221,8 +263,9 @@ def save_fullmodel(model: FullModel, folder: str, golden: Golden | None = None) 
                 f.write(source)
         if golden is not None:
             _write_json(os.path.join(folder, GOLDEN_FILE), golden.to_json())
-        plan.spec["files"] = hash_files(folder, exclude={SPEC_FILE})
         _write_json(os.path.join(folder, SPEC_FILE), plan.spec)
+        if manifest:
+            write_manifest(folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -236,19 +279,28 @@ def _write_json(path: str, data: Any) -> None:
 
 
 def read_spec(folder: str) -> dict[str, Any]:
+    """The spec of the FullModel saved in ``folder``, with its format version checked."""
     path = os.path.join(folder, SPEC_FILE)
     try:
         with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
+            text = f.read()
     except FileNotFoundError:
         raise ModelFormatError(f"{folder} is not a saved FullModel: it has no {SPEC_FILE}.") from None
+    return _parse_spec(text, path)
+
+
+def _parse_spec(text: str, path: str) -> dict[str, Any]:
+    try:
+        spec = json.loads(text)
     except json.JSONDecodeError as error:
         raise ModelFormatError(f"{path} is not valid JSON: {error}.") from None
-    version = spec.get("format_version")
+    version = spec.get("format_version") if isinstance(spec, dict) else None
     if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
         raise ModelFormatError(
             f"{path} has format version {version!r}; this runtime reads version {FORMAT_VERSION}. "
-            "Load it with the mlflow_fullmodel runtime embedded in the MLflow model."
+            + ("Upgrade mlflow-fullmodel to load it." if newer else
+               "Load it with the mlflow_fullmodel runtime embedded in the MLflow model, or save it again.")
         )
     return spec
 
@@ -261,26 +313,51 @@ def read_golden(folder: str) -> Golden | None:
         return Golden.from_json(json.load(f))
 
 
-def load_fullmodel(folder: str, device: str | torch.device = "cpu") -> FullModel:
-    """Load the FullModel saved in ``folder``, after checking every file against its sha256."""
-    spec = read_spec(folder)
-    verify_files(folder, spec["files"], exclude={SPEC_FILE})
-    step_specs = [*spec["preprocess"], spec["collate"], spec["forward"], *spec["postprocess"]]
-    classes = import_targets([s["target"] for s in step_specs], os.path.join(folder, CODE_DIR))
+def load_fullmodel(
+    folder: str, device: str | torch.device = "cpu", root: str | None = None, manifest: Manifest | None = None
+) -> FullModel:
+    """Load the FullModel saved in ``folder``, treating the folder as untrusted input.
 
-    def build(step_spec: Mapping[str, Any]) -> Any:
-        return classes[step_spec["target"]](**_decode_config(step_spec["config"], folder))
+    Before anything of the model is used, every file is checked against the manifest of ``root``;
+    then every path in the spec must name a file of that manifest, and every step must be a step
+    class of the model's captured code or of mlflow_fullmodel. Only then is captured code imported.
+    The spec and the module archives are used as the bytes that were checked.
+
+    Args:
+        folder: The FullModel folder.
+        device: Where the forward pass runs.
+        root: The folder whose manifest covers ``folder``: the MLflow model's root for an MLflow
+            model; ``folder`` itself by default.
+        manifest: The manifest of ``root`` as ``verify_manifest`` just returned it, when the caller
+            checked the files itself (to read the MLmodel file first); checked here otherwise.
+
+    Raises:
+        IntegrityError: A file is changed, missing or extra, or the spec names something outside the
+            model.
+        ModelFormatError: The spec has another format version or cannot be read.
+    """
+    root = folder if root is None else root
+    inside = os.path.relpath(folder, root).replace(os.sep, "/")
+    prefix = "" if inside == "." else confined_path(inside, "the FullModel folder") + "/"
+    files = _VerifiedFiles(root, prefix, (manifest or verify_manifest(root)).files)
+    spec = _parse_spec(files.read(SPEC_FILE, "the spec").decode("utf-8"), os.path.join(folder, SPEC_FILE))
+
+    step_specs = {f"preprocess[{i}]": s for i, s in enumerate(spec["preprocess"])}
+    step_specs.update(collate=spec["collate"], forward=spec["forward"])
+    step_specs.update({f"postprocess[{i}]": s for i, s in enumerate(spec["postprocess"])})
+    classes = import_steps({label: s["target"] for label, s in step_specs.items()}, os.path.join(folder, CODE_DIR))
+    steps = {label: classes[label](**_decode_config(s["config"], files, label)) for label, s in step_specs.items()}
 
     modules = {
-        name: load_module(os.path.join(folder, entry["file"]), entry["format"])
+        name: load_module(io.BytesIO(files.read(entry["file"], f"module '{name}'")), entry["format"])
         for name, entry in spec["modules"].items()
     }
     return FullModel(
-        [build(s) for s in spec["preprocess"]],
+        [steps[f"preprocess[{i}]"] for i in range(len(spec["preprocess"]))],
         modules,
-        [build(s) for s in spec["postprocess"]],
-        forward=build(spec["forward"]),
-        collate=build(spec["collate"]),
+        [steps[f"postprocess[{i}]"] for i in range(len(spec["postprocess"]))],
+        forward=steps["forward"],
+        collate=steps["collate"],
         input_columns=spec["input_columns"],
         batch_size=spec["batch_size"],
         device=device,

@@ -56,7 +56,7 @@ class SentencePieceEncode(Transform):
         import sentencepiece
 
         processor = sentencepiece.SentencePieceProcessor()
-        processor.Load(self.model_file.path)
+        processor.LoadFromSerializedProto(self.model_file.read_bytes())
         return processor
 
     def __call__(self, text: str) -> torch.Tensor:
@@ -143,7 +143,7 @@ class SentencePieceDecode(Transform):
         import sentencepiece
 
         processor = sentencepiece.SentencePieceProcessor()
-        processor.Load(self.model_file.path)
+        processor.LoadFromSerializedProto(self.model_file.read_bytes())
         return processor
 
     def __call__(self, candidates: Any) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+"""The model digest in the tracking store, where whoever can write the artifact store cannot change it.
+
+``log_model`` records the digest of the manifest it wrote as a tag of the logged model, of the run
+(``fullmodel.digest.<name>``) and, when it registers the model, of the model version, together with
+the manifest itself so that a later check can name the files that differ. ``recorded_digest`` finds
+that record again for a model URI.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mlflow_fullmodel.storage.integrity import Manifest
+
+__all__ = ["DIGEST_TAG", "MANIFEST_TAG", "Record", "record_digest", "recorded_digest"]
+
+_logger = logging.getLogger(__name__)
+
+DIGEST_TAG = "fullmodel.digest"
+MANIFEST_TAG = "fullmodel.manifest"
+# A model version tag holds up to 100,000 characters; a manifest of a few hundred files fits.
+_MAX_TAG_VALUE = 100_000
+
+
+@dataclass(frozen=True)
+class Record:
+    """A digest recorded in the tracking store, where it was found, and the manifest if recorded."""
+
+    digest: str
+    source: str
+    manifest: Manifest | None = None
+
+
+def _run_tag(name: str) -> str:
+    return f"{DIGEST_TAG}.{name}"
+
+
+def record_digest(info: Any, manifest: Manifest, registered_model_name: str | None = None) -> None:
+    """Tag the logged model, its run and its registered version with ``manifest``'s digest."""
+    client = MlflowClient()
+    client.set_logged_model_tags(info.model_id, {DIGEST_TAG: manifest.digest})
+    if info.run_id:
+        client.set_tag(info.run_id, _run_tag(info.name), manifest.digest)
+    if registered_model_name is not None and info.registered_model_version is not None:
+        tag_version(registered_model_name, str(info.registered_model_version), manifest)
+
+
+def tag_version(name: str, version: str, manifest: Manifest) -> None:
+    """Record ``manifest`` on a model version: its digest, and the manifest where it fits."""
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, DIGEST_TAG, manifest.digest)
+    text = manifest.to_json()
+    if len(text) <= _MAX_TAG_VALUE:
+        client.set_model_version_tag(name, version, MANIFEST_TAG, text)
+    else:
+        _logger.info("The manifest of %s/%s (%d characters) is too long for a tag; only its digest is recorded.",
+                     name, version, len(text))
+
+
+def recorded_digest(model_uri: str) -> Record | None:
+    """The digest the tracking store holds for ``model_uri``, or None where it holds none (a local
+    path, or a model logged without this flavor's ``log_model``).
+
+    ``models:/name/version`` and ``models:/name@alias`` look at the model version, then at the
+    logged model it came from, then at its run; ``models:/<model_id>`` at the logged model;
+    ``runs:/<run_id>/<name>`` at the run.
+    """
+    client = MlflowClient()
+    if model_uri.startswith("models:/"):
+        reference = model_uri[len("models:/"):].strip("/")
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in reference:
+            name, number = reference.split("/", 1)
+            if not number.isdigit():
+                return None  # a stage ("Production"): deprecated by MLflow, resolved by its download
+            version = client.get_model_version(name, number)
+        else:
+            return _logged_model_record(client, reference)
+        where = f"model version {version.name}/{version.version}"
+        if DIGEST_TAG in version.tags:
+            manifest_text = version.tags.get(MANIFEST_TAG)
+            manifest = Manifest.from_json(manifest_text, f"the {MANIFEST_TAG} tag of {where}") if manifest_text else None
+            return Record(version.tags[DIGEST_TAG], where, manifest)
+        if getattr(version, "model_id", None):
+            record = _logged_model_record(client, version.model_id)
+            if record is not None:
+                return record
+        if version.run_id:
+            return _run_record(client, version.run_id, version.source.rstrip("/").rsplit("/", 1)[-1])
+        return None
+    if model_uri.startswith("runs:/"):
+        run_id, _, name = model_uri[len("runs:/"):].strip("/").partition("/")
+        return _run_record(client, run_id, name)
+    return None
+
+
+def _logged_model_record(client: MlflowClient, model_id: str) -> Record | None:
+    try:
+        tags = client.get_logged_model(model_id).tags
+    except MlflowException:
+        return None
+    return Record(tags[DIGEST_TAG], f"logged model {model_id}") if DIGEST_TAG in tags else None
+
+
+def _run_record(client: MlflowClient, run_id: str, name: str) -> Record | None:
+    digest = client.get_run(run_id).data.tags.get(_run_tag(name))
+    return Record(digest, f"run {run_id} (tag {_run_tag(name)})") if digest else None

@@ -1,0 +1,139 @@
+"""Verifying a model with the installed mlflow_fullmodel, never with the model's own runtime.
+
+``verify_model`` downloads the model and checks, in order: every file against the digest recorded
+in the tracking store (what an attacker of the artifact store cannot rewrite), every file against
+the folder's own manifest, no Python bytecode or symlinks, the flavor's format version, the spec's
+paths and step targets, the signature when a public key is given, and last the parity check: the
+model, loaded by its embedded runtime in a clean process, must reproduce its golden example.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+
+from mlflow_fullmodel.exceptions import IntegrityError, ModelFormatError
+from mlflow_fullmodel.flavor import check_parity_of, flavor_configuration
+from mlflow_fullmodel.registry import Record, recorded_digest
+from mlflow_fullmodel.signing import SIGNATURE_FILE, sign_folder, verify_signature
+from mlflow_fullmodel.storage import load_fullmodel, read_golden
+from mlflow_fullmodel.storage.integrity import Manifest, verify_manifest
+
+__all__ = ["Verification", "download_model", "sign_model", "verify_model"]
+
+
+@dataclass
+class Verification:
+    """What ``verify_model`` checked, for a report or for tags on a model version."""
+
+    model_uri: str
+    digest: str
+    record: Record | None
+    checks: list[str] = field(default_factory=list)
+
+
+def download_model(model_uri: str, dst_path: str | None = None) -> str:
+    """Download ``model_uri`` to a local folder (or return a local path as it is).
+
+    Raises:
+        ModelFormatError: The URI does not resolve to a model MLflow can download.
+    """
+    try:
+        return _download_artifact_from_uri(model_uri, output_path=dst_path)
+    except (MlflowException, OSError) as error:
+        message = error.message if isinstance(error, MlflowException) else str(error)
+        raise ModelFormatError(f"Cannot download {model_uri}: {message}") from None
+
+
+def verify_model(model_uri: str, *, public_key: str | None = None, parity: bool = True) -> Verification:
+    """Check a model before it is served or promoted.
+
+    Args:
+        model_uri: ``models:/name/version``, ``models:/name@alias``, ``runs:/id/name``, a path, ...
+        public_key: A PEM public key; the model must then carry a valid signature made with its
+            private key (``sign_model``).
+        parity: Run the parity check in a clean process (it needs the golden example).
+
+    Returns:
+        What was checked, with the model's digest.
+
+    Raises:
+        IntegrityError: A file differs from the recorded digest or the manifest, or the spec names
+            something outside the model; ``SignatureError`` for a missing or bad signature.
+        ModelFormatError: The URI is not a fullmodel model of this format version.
+        ParityError: The model does not reproduce its golden example.
+
+    Example::
+
+        report = verify_model("models:/reviews/3", public_key="signing-key.pub")
+        print(report.digest, report.checks)
+    """
+    path = download_model(model_uri)
+    record = recorded_digest(model_uri)
+    actual = Manifest.of_folder(path, skip_bytecode=False)
+    report = Verification(model_uri, actual.digest, record)
+    if record is not None:
+        _check_record(model_uri, record, actual)
+        report.checks.append(f"digest recorded in {record.source}")
+    verify_manifest(path, strict=True)
+    report.checks.append("manifest")
+    flavor = flavor_configuration(path)
+    folder = os.path.join(path, flavor["data"])
+    load_fullmodel(folder, root=path)  # the spec's paths and step targets, by this runtime's rules
+    report.checks.append("spec")
+    if public_key is not None:
+        verify_signature(path, public_key)
+        report.checks.append("signature")
+    if parity:
+        if read_golden(folder) is None:
+            raise ModelFormatError(f"{model_uri} has no golden example to check (it was saved with check_parity=False).")
+        check_parity_of(path)
+        report.checks.append("parity")
+    return report
+
+
+def _check_record(model_uri: str, record: Record, actual: Manifest) -> None:
+    if actual.digest == record.digest:
+        return
+    if record.manifest is not None:
+        differences = "; ".join(record.manifest.differences(actual)) or "the manifest's own format"
+    else:
+        differences = "the files that differ cannot be named: only the digest was recorded"
+    raise IntegrityError(
+        f"The files of {model_uri} do not match the digest recorded in {record.source} "
+        f"({record.digest}; the files give {actual.digest}): {differences}. The model was changed in "
+        "the artifact store after it was logged; do not serve it, and log it again from its source."
+    )
+
+
+def sign_model(model_uri: str, private_key: str, password: str | None = None) -> str:
+    """Sign a model with an elliptic-curve private key (PEM) and store the signature with it: in
+    the folder for a local path, in the artifact store for a logged or registered model.
+
+    Returns:
+        Where the signature was stored.
+
+    Example::
+
+        sign_model("models:/reviews/3", "signing-key.pem")
+        verify_model("models:/reviews/3", public_key="signing-key.pub")
+    """
+    local = os.path.isdir(model_uri)
+    path = model_uri if local else download_model(model_uri)
+    verify_manifest(path, strict=True)  # sign only what is intact
+    signature = sign_folder(path, private_key, password)
+    if local:
+        return signature
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    location = model_uri
+    while location.startswith(("models:/", "runs:/")):
+        repository = ModelsArtifactRepository if location.startswith("models:/") else RunsArtifactRepository
+        location = repository.get_underlying_uri(location)
+    get_artifact_repository(location).log_artifact(signature)
+    return f"{location.rstrip('/')}/{SIGNATURE_FILE}"
