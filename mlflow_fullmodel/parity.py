@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mlflow_fullmodel.exceptions import ParityError
+from mlflow_fullmodel.exceptions import FullModelError, ParityError
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.storage import load_fullmodel, read_golden
 
@@ -133,6 +133,12 @@ def _child_report(folder: str, expected_digests: list[list[str]] | None, root: s
         return {"error": "the model has no golden example to check"}
     report: dict[str, Any] = {"runtime": os.path.dirname(mlflow_fullmodel.__file__)}
     report["problems"] = compare_outputs(golden.outputs, model.predict(golden.inputs, golden.params))
+    for params, outputs in golden.variants:
+        try:
+            problems = compare_outputs(outputs, model.predict(golden.inputs, params))
+        except FullModelError as error:
+            problems = [f"{type(error).__name__}: {error}"]
+        report["problems"] += [f"with params {params}: {problem}" for problem in problems]
     if report["problems"] and expected_digests is not None:
         actual = preprocess_digests(model, golden.inputs)
         for row, (want, got) in enumerate(zip(expected_digests, actual)):

@@ -17,8 +17,9 @@ from sample_steps import LABELS
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
-from mlflow_fullmodel.storage import load_fullmodel, make_golden, read_spec, save_fullmodel
-from mlflow_fullmodel.storage.integrity import verify_manifest
+from mlflow_fullmodel.storage import load_fullmodel, make_golden, read_golden, read_spec, save_fullmodel
+from mlflow_fullmodel.storage.folder import other_value
+from mlflow_fullmodel.storage.integrity import verify_manifest, write_manifest
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
 
 
@@ -234,3 +235,38 @@ def test_loading_leaves_no_bytecode_in_the_model_folder(tmp_path, text_model):
     load_fullmodel(folder)
     assert not list(Path(folder).rglob("__pycache__"))
     assert json.loads((Path(folder) / "golden.json").read_text())["params"] == {"k": 2}
+
+
+def test_the_golden_example_records_each_param_with_another_value_within_its_bounds(tmp_path, text_model):
+    golden = make_golden(text_model, EXAMPLE_TEXTS, {})
+    assert [params for params, _ in golden.variants] == [{"k": 2}]
+    pd.testing.assert_frame_equal(golden.variants[0][1], text_model.predict(EXAMPLE_TEXTS, {"k": 2}))
+    reloaded = read_golden(saved(tmp_path, text_model))
+    assert [params for params, _ in reloaded.variants] == [{"k": 1}]  # saved() starts from k=2, the maximum
+
+
+@pytest.mark.parametrize("param, current, expected", [
+    (fm.Param(True), True, False),
+    (fm.Param(1), 1, 2),
+    (fm.Param(2, minimum=1, maximum=2), 2, 1),
+    (fm.Param(0, minimum=0, maximum=0), 0, None),
+    (fm.Param(0, maximum=0), 0, -1),
+    (fm.Param(0.5, minimum=0.0, maximum=1.0), 0.5, 0.75),
+    (fm.Param(1.0, minimum=1.0, maximum=1.0), 1.0, None),
+    (fm.Param(0.0), 0.0, 1.0),
+    (fm.Param("greedy", choices=["greedy", "beam"]), "greedy", "beam"),
+    (fm.Param("anything"), "anything", None),
+])
+def test_another_value_of_a_param_respects_its_type_bounds_and_choices(param, current, expected):
+    assert other_value(param, current) == expected
+
+
+def test_a_param_saved_with_wrong_bounds_fails_the_parity_check_naming_the_params(tmp_path, text_model):
+    folder = Path(tmp_path / "model")
+    save_fullmodel(text_model, str(folder), make_golden(text_model, EXAMPLE_TEXTS, {}))
+    spec = json.loads((folder / "fullmodel.json").read_text())
+    spec["postprocess"][0]["config"]["k"]["$param"]["maximum"] = 1
+    (folder / "fullmodel.json").write_text(json.dumps(spec))
+    write_manifest(str(folder))
+    with pytest.raises(fm.ParityError, match=r"with params \{'k': 2\}: ParamError: Parameter 'k' must be <= 1"):
+        check_parity(str(folder))

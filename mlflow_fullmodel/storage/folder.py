@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,7 +34,7 @@ import pandas as pd
 import torch
 
 from mlflow_fullmodel import __version__
-from mlflow_fullmodel.exceptions import ConfigError, IntegrityError, ModelFormatError
+from mlflow_fullmodel.exceptions import ConfigError, FullModelError, IntegrityError, ModelFormatError
 from mlflow_fullmodel.modules import load_module, save_module
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.storage.capture import CodeCapture
@@ -52,26 +53,40 @@ ARTIFACTS_DIR = "artifacts"
 
 _ARTIFACT, _PARAM, _TUPLE, _BYTES = "$artifact", "$param", "$tuple", "$bytes"
 
+_logger = logging.getLogger(__name__)
+
+
+def _frame_to_json(frame: pd.DataFrame) -> dict[str, Any]:
+    return {"columns": list(frame.columns), "data": encode_value(frame.values.tolist())}
+
+
+def _frame_from_json(data: Mapping[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame(decode_value(data["data"]), columns=data["columns"])
+
 
 @dataclass
 class Golden:
-    """Example inputs and params with the outputs the saving process produced for them."""
+    """Example inputs and params with the outputs the saving process produced for them, and for
+    each runtime parameter the outputs with one other value of it (``variants``)."""
 
     inputs: list[Any]
     params: dict[str, Any]
     outputs: pd.DataFrame
+    variants: list[tuple[dict[str, Any], pd.DataFrame]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "inputs": [encode_value(v) for v in self.inputs],
             "params": self.params,
-            "outputs": {"columns": list(self.outputs.columns), "data": encode_value(self.outputs.values.tolist())},
+            "outputs": _frame_to_json(self.outputs),
+            "variants": [{"params": p, "outputs": _frame_to_json(o)} for p, o in self.variants],
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Golden:
-        outputs = pd.DataFrame(decode_value(data["outputs"]["data"]), columns=data["outputs"]["columns"])
-        return cls([decode_value(v) for v in data["inputs"]], dict(data["params"]), outputs)
+        variants = [(dict(v["params"]), _frame_from_json(v["outputs"])) for v in data.get("variants", [])]
+        return cls([decode_value(v) for v in data["inputs"]], dict(data["params"]), _frame_from_json(data["outputs"]),
+                   variants)
 
 
 @dataclass
@@ -365,5 +380,39 @@ def load_fullmodel(
 
 
 def make_golden(model: FullModel, inputs: list[Any], params: Mapping[str, Any] | None) -> Golden:
+    """The golden example: ``model``'s outputs for ``inputs`` with ``params``, and with each runtime
+    parameter set to another value within its bounds (one variant per parameter, so a parameter
+    that a reloaded model ignores or applies differently shows up in the parity check)."""
     params = dict(params or {})
-    return Golden(inputs=list(inputs), params=params, outputs=model.predict(inputs, params=params))
+    golden = Golden(inputs=list(inputs), params=params, outputs=model.predict(inputs, params=params))
+    for name, param in model.params.items():
+        value = other_value(param, params.get(name, param.default))
+        if value is None:
+            continue
+        variant = {**params, name: value}
+        try:
+            golden.variants.append((variant, model.predict(inputs, params=variant)))
+        except FullModelError as error:  # a value the model refuses with these inputs: no variant
+            _logger.info("No golden variant with %s=%r: %s", name, value, error)
+    return golden
+
+
+def other_value(param: Param, current: Any) -> bool | int | float | str | None:
+    """A value of ``param`` other than ``current`` that its type, bounds and choices accept, or None."""
+    if param.choices is not None:
+        return next((c for c in param.choices if c != current), None)
+    if isinstance(current, bool):
+        return not current
+    if isinstance(current, int):
+        candidates: list[Any] = [current + 1, current - 1]
+    elif isinstance(current, float):
+        candidates = [(current + bound) / 2 for bound in (param.maximum, param.minimum) if bound is not None]
+        candidates += [current * 2 if current else 1.0]
+    else:
+        return None  # a free string: no other value can be guessed
+    for value in candidates:
+        if value != current and (param.minimum is None or value >= param.minimum) and (
+            param.maximum is None or value <= param.maximum
+        ):
+            return value
+    return None
