@@ -5,6 +5,8 @@ An MLflow model written here holds, beside MLflow's own files::
 
     fullmodel/               the saved FullModel (spec, modules, artifacts, captured code, golden)
     code/mlflow_fullmodel/   this runtime, so the model loads where mlflow_fullmodel is not installed
+    MODEL_CARD.md            what the model is, its data path, params, example, how to call it
+    pipeline.svg             a picture of the data path (both shown in the MLflow UI)
     MANIFEST.json            the sha256 of every file of the MLflow model, checked on every load;
                              its digest is recorded as a tag of the logged model and model version
 
@@ -31,7 +33,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -65,7 +67,9 @@ from mlflow.utils.model_utils import (
 
 import mlflow_fullmodel
 from mlflow_fullmodel.batching import MicroBatcher
+from mlflow_fullmodel.card import CARD_FILE, PIPELINE_FILE, render_card, render_pipeline, summary
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ModelFormatError, ParamError
+from mlflow_fullmodel.inspection import describe_model
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
 from mlflow_fullmodel.pipeline import FullModel, records_frame
 from mlflow_fullmodel.registry import record_digest
@@ -89,10 +93,17 @@ _SERVING_ENVIRONMENT = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 
 _SCHEMA_TYPES = {str: "string", bytes: "binary", bool: "boolean", int: "long", float: "double"}
 
-# The manifest save_model wrote, handed to the log_model call around it (MLflow's Model.log sits in
-# between and returns only its ModelInfo), so that its digest is recorded from what was written
-# rather than read back from the artifact store.
-_SAVED_MANIFEST: ContextVar[list[Manifest] | None] = ContextVar("_SAVED_MANIFEST", default=None)
+
+
+class _Saved(NamedTuple):
+    manifest: Manifest
+    summary: str
+
+
+# What save_model wrote, handed to the log_model call around it (MLflow's Model.log sits in between
+# and returns only its ModelInfo), so that the digest is recorded from what was written rather than
+# read back from the artifact store.
+_SAVED: ContextVar[list[_Saved] | None] = ContextVar("_SAVED", default=None)
 
 
 def _pinned(distribution: str) -> str:
@@ -245,10 +256,13 @@ def _write_model(
         write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
     write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
     _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+    facts = describe_model(path, _DATA_SUBPATH)
+    write_to(os.path.join(path, CARD_FILE), render_card(facts))
+    write_to(os.path.join(path, PIPELINE_FILE), render_pipeline(facts))
     manifest = write_manifest(path)  # last: it covers every file above
-    saved = _SAVED_MANIFEST.get()
+    saved = _SAVED.get()
     if saved is not None:
-        saved.append(manifest)
+        saved.append(_Saved(manifest, summary(facts)))
 
 
 def check_parity_of(model_path: str, digests: list[list[str]] | None = None) -> None:
@@ -364,7 +378,8 @@ def log_model(
     The digest of the model's manifest is recorded in the tracking store, where write access to the
     artifact store cannot change it: tag ``fullmodel.digest`` of the logged model and of the model
     version (which also gets the manifest, ``fullmodel.manifest``), ``fullmodel.digest.<name>`` of
-    the run. ``mlflow-fullmodel verify`` checks downloaded files against it.
+    the run. ``mlflow-fullmodel verify`` checks downloaded files against it. A registered version
+    without a description gets the model card's summary as its description.
 
     Args:
         fullmodel: The FullModel to log.
@@ -386,8 +401,8 @@ def log_model(
                                 registered_model_name="reviews")
         loaded = mlflow.pyfunc.load_model(info.model_uri)
     """
-    saved: list[Manifest] = []
-    token = _SAVED_MANIFEST.set(saved)
+    saved: list[_Saved] = []
+    token = _SAVED.set(saved)
     try:
         info = Model.log(
             artifact_path=artifact_path,
@@ -412,8 +427,8 @@ def log_model(
             **kwargs,
         )
     finally:
-        _SAVED_MANIFEST.reset(token)
-    record_digest(info, saved[-1], registered_model_name)
+        _SAVED.reset(token)
+    record_digest(info, saved[-1].manifest, registered_model_name, description=saved[-1].summary)
     return info
 
 

@@ -19,7 +19,9 @@ import torch
 
 from mlflow_fullmodel.exceptions import ConfigError, DeviceError
 
-__all__ = ["MAIN", "ModuleSet", "load_module", "quiet_torch_jit", "resolve_device", "save_module", "script"]
+__all__ = [
+    "MAIN", "ModuleSet", "load_module", "method_names", "quiet_torch_jit", "resolve_device", "save_module", "script",
+]
 
 #: The name of the module when a FullModel is given a single one.
 MAIN = "main"
@@ -73,6 +75,14 @@ def argument_names(module: Any) -> list[str]:
         return [a.name for a in module.forward.schema.arguments][1:]  # drop self
     except (AttributeError, RuntimeError):
         return []
+
+
+def method_names(module: Any) -> list[str]:
+    """The methods a forward strategy can call: a TorchScript module's compiled methods, an exported
+    program's ``forward``."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return sorted(module._c._method_names())
+    return ["forward"]
 
 
 class ModuleSet(Mapping[str, Any]):

@@ -40,14 +40,20 @@ def _run_tag(name: str) -> str:
     return f"{DIGEST_TAG}.{name}"
 
 
-def record_digest(info: Any, manifest: Manifest, registered_model_name: str | None = None) -> None:
-    """Tag the logged model, its run and its registered version with ``manifest``'s digest."""
+def record_digest(
+    info: Any, manifest: Manifest, registered_model_name: str | None = None, description: str | None = None
+) -> None:
+    """Tag the logged model, its run and its registered version with ``manifest``'s digest; give
+    the version ``description`` unless it has one."""
     client = MlflowClient()
     client.set_logged_model_tags(info.model_id, {DIGEST_TAG: manifest.digest})
     if info.run_id:
         client.set_tag(info.run_id, _run_tag(info.name), manifest.digest)
     if registered_model_name is not None and info.registered_model_version is not None:
-        tag_version(registered_model_name, str(info.registered_model_version), manifest)
+        version = str(info.registered_model_version)
+        tag_version(registered_model_name, version, manifest)
+        if description and not client.get_model_version(registered_model_name, version).description:
+            client.update_model_version(registered_model_name, version, description=description)
 
 
 def tag_version(name: str, version: str, manifest: Manifest) -> None:

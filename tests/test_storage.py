@@ -72,7 +72,7 @@ def test_the_spec_is_readable_json_naming_steps_params_and_modules(tmp_path, tex
     ]
     assert spec["preprocess"][1]["config"]["max_length"] == 32
     assert spec["params"]["k"] == {"default": 1, "minimum": 1, "maximum": 2, "type": "int", "step": "postprocess[0]"}
-    assert spec["modules"] == {"main": {"file": "modules/main.pt", "format": "torchscript"}}
+    assert spec["modules"] == {"main": {"file": "modules/main.pt", "format": "torchscript", "methods": ["forward"]}}
     assert "code/sample_steps.py" in spec["code"]
     assert "sentencepiece" in spec["requirements"]
 

@@ -10,6 +10,7 @@ from mlflow_fullmodel.storage.folder import (
     read_golden,
     read_spec,
     save_fullmodel,
+    step_specs,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "read_golden",
     "read_spec",
     "save_fullmodel",
+    "step_specs",
 ]

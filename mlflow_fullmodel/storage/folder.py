@@ -35,7 +35,7 @@ import torch
 
 from mlflow_fullmodel import __version__
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, IntegrityError, ModelFormatError
-from mlflow_fullmodel.modules import load_module, save_module
+from mlflow_fullmodel.modules import load_module, method_names, save_module
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.storage.capture import CodeCapture
 from mlflow_fullmodel.storage.imports import import_steps
@@ -263,7 +263,9 @@ def save_fullmodel(
         os.makedirs(os.path.join(folder, MODULES_DIR), exist_ok=True)
         for name, module in model.modules.items():
             filename, kind = save_module(module, os.path.join(folder, MODULES_DIR), name)
-            plan.spec["modules"][name] = {"file": f"{MODULES_DIR}/{filename}", "format": kind}
+            plan.spec["modules"][name] = {
+                "file": f"{MODULES_DIR}/{filename}", "format": kind, "methods": method_names(module),
+            }
         for source, dest in plan.artifacts:
             target = os.path.join(folder, dest)
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -320,6 +322,15 @@ def _parse_spec(text: str, path: str) -> dict[str, Any]:
     return spec
 
 
+def step_specs(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The spec's steps in data-path order, by label: ``preprocess[0]``, ..., ``collate``,
+    ``forward``, ``postprocess[0]``, ..."""
+    steps = {f"preprocess[{i}]": s for i, s in enumerate(spec["preprocess"])}
+    steps.update(collate=spec["collate"], forward=spec["forward"])
+    steps.update({f"postprocess[{i}]": s for i, s in enumerate(spec["postprocess"])})
+    return steps
+
+
 def read_golden(folder: str) -> Golden | None:
     path = os.path.join(folder, GOLDEN_FILE)
     if not os.path.exists(path):
@@ -357,11 +368,9 @@ def load_fullmodel(
     files = _VerifiedFiles(root, prefix, (manifest or verify_manifest(root)).files)
     spec = _parse_spec(files.read(SPEC_FILE, "the spec").decode("utf-8"), os.path.join(folder, SPEC_FILE))
 
-    step_specs = {f"preprocess[{i}]": s for i, s in enumerate(spec["preprocess"])}
-    step_specs.update(collate=spec["collate"], forward=spec["forward"])
-    step_specs.update({f"postprocess[{i}]": s for i, s in enumerate(spec["postprocess"])})
-    classes = import_steps({label: s["target"] for label, s in step_specs.items()}, os.path.join(folder, CODE_DIR))
-    steps = {label: classes[label](**_decode_config(s["config"], files, label)) for label, s in step_specs.items()}
+    specs = step_specs(spec)
+    classes = import_steps({label: s["target"] for label, s in specs.items()}, os.path.join(folder, CODE_DIR))
+    steps = {label: classes[label](**_decode_config(s["config"], files, label)) for label, s in specs.items()}
 
     modules = {
         name: load_module(io.BytesIO(files.read(entry["file"], f"module '{name}'")), entry["format"])

@@ -1,0 +1,133 @@
+"""What a saved MLflow model holds, as plain data: for ``inspect``, ``diff`` and the model card.
+
+``describe_model`` reads the files only (the spec, MLmodel, requirements, the golden example); it
+imports none of the model's code and loads no module archive.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
+
+from mlflow_fullmodel.storage import read_golden, read_spec, step_specs
+from mlflow_fullmodel.storage.folder import CODE_DIR, encode_value
+from mlflow_fullmodel.storage.integrity import MANIFEST_FILE, read_manifest, sha256_file
+
+__all__ = ["config_text", "describe_model"]
+
+_ARTIFACT, _PARAM, _TUPLE = "$artifact", "$param", "$tuple"
+
+
+def describe_model(model_path: str, data: str = "fullmodel") -> dict[str, Any]:
+    """The facts of the MLflow model at ``model_path`` (its FullModel in the ``data`` folder).
+
+    Returns a dict with ``inputs``, ``outputs``, ``steps`` (label, target, config), ``artifacts``
+    (step, argument, path, size, sha256), ``modules`` (name, file, format, size, sha256, methods),
+    ``params`` (name, type, default, bounds, choices, step), ``signature``, ``requirements``,
+    ``golden`` (inputs, params, outputs, variants), ``code`` (captured sources by path) and
+    ``digest`` (None before the manifest is written).
+    """
+    folder = os.path.join(model_path, data)
+    spec = read_spec(folder)
+    steps = [{"step": label, "target": s["target"], "config": s["config"]} for label, s in step_specs(spec).items()]
+    signature = Model.load(os.path.join(model_path, MLMODEL_FILE_NAME)).signature
+    golden = read_golden(folder)
+    return {
+        "format_version": spec["format_version"],
+        "mlflow_fullmodel_version": spec.get("mlflow_fullmodel_version"),
+        "torch_version": spec.get("torch_version"),
+        "inputs": spec["input_columns"],
+        "outputs": [c["name"] for c in signature.outputs.to_dict()] if signature and signature.outputs else [],
+        "batch_size": spec["batch_size"],
+        "steps": steps,
+        "artifacts": [_artifact(folder, step, argument, path) for step, argument, path in _artifacts(steps)],
+        "modules": [
+            {"name": name, "file": entry["file"], "format": entry["format"], "methods": entry.get("methods", []),
+             **_file_facts(os.path.join(folder, entry["file"]))}
+            for name, entry in spec["modules"].items()
+        ],
+        "params": [{"name": name, **param} for name, param in spec["params"].items()],
+        "signature": signature.to_dict() if signature else None,
+        "requirements": _requirements(model_path),
+        "golden": None if golden is None else {
+            "inputs": encode_value(golden.inputs),
+            "params": golden.params,
+            "outputs": _records(golden.outputs),
+            "variants": [{"params": p, "outputs": _records(o)} for p, o in golden.variants],
+        },
+        "code": _sources(os.path.join(folder, CODE_DIR)),
+        "digest": read_manifest(model_path).digest if os.path.exists(os.path.join(model_path, MANIFEST_FILE)) else None,
+    }
+
+
+def config_text(value: Any) -> str:
+    """A spec config value as a person reads it: ``Artifact(path)``, ``Param(1, maximum=3)``, JSON."""
+    if isinstance(value, dict):
+        if set(value) == {_ARTIFACT}:
+            return f"Artifact({os.path.basename(value[_ARTIFACT])!r})"
+        if set(value) == {_PARAM}:
+            spec = dict(value[_PARAM])
+            extras = "".join(f", {k}={v!r}" for k, v in spec.items() if k != "default")
+            return f"Param({spec['default']!r}{extras})"
+        if set(value) == {_TUPLE}:
+            return "(" + ", ".join(config_text(v) for v in value[_TUPLE]) + ("," if len(value[_TUPLE]) == 1 else "") + ")"
+        return "{" + ", ".join(f"{k!r}: {config_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(config_text(v) for v in value) + "]"
+    return repr(value)
+
+
+def _artifacts(steps: list[dict[str, Any]]) -> Iterator[tuple[str, str, str]]:
+    def walk(value: Any) -> Iterator[str]:
+        if isinstance(value, dict):
+            if set(value) == {_ARTIFACT}:
+                yield value[_ARTIFACT]
+            else:
+                for item in value.values():
+                    yield from walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from walk(item)
+
+    for step in steps:
+        for argument, value in step["config"].items():
+            for path in walk(value):
+                yield step["step"], argument, path
+
+
+def _artifact(folder: str, step: str, argument: str, path: str) -> dict[str, Any]:
+    return {"step": step, "argument": argument, "path": path, **_file_facts(os.path.join(folder, path))}
+
+
+def _file_facts(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+        return {"size": sum(os.path.getsize(f) for f in files), "sha256": None}
+    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def _requirements(model_path: str) -> list[str]:
+    path = os.path.join(model_path, "requirements.txt")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def _records(frame: Any) -> list[dict[str, Any]]:
+    return [dict(zip(frame.columns, encode_value(row))) for row in frame.values.tolist()]
+
+
+def _sources(code_dir: str) -> dict[str, str]:
+    sources = {}
+    for root, dirs, names in os.walk(code_dir):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8", errors="replace") as f:
+                sources[os.path.relpath(path, code_dir).replace(os.sep, "/")] = f.read()
+    return sources
