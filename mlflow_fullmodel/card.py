@@ -70,8 +70,8 @@ def _example_record(facts: dict[str, Any]) -> dict[str, Any]:
 def render_card(facts: dict[str, Any]) -> str:
     """The model card: what the model is, its data path, artifacts, params, signature, golden
     example, and how to call it."""
-    lines = ["# Model card", "", summary(facts), "", f"![The data path]({PIPELINE_FILE})", "",
-             "## The data path", ""]
+    lines = ["# Model card", "", summary(facts), "", f"A picture of the data path is `{PIPELINE_FILE}`, beside this card.",
+             "", "## The data path", ""]
     lines += _table(["step", "class", "configuration"], [
         [s["step"], s["target"], ", ".join(f"{k}={config_text(v)}" for k, v in s["config"].items()) or "-"]
         for s in facts["steps"]

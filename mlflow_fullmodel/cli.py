@@ -1,25 +1,18 @@
-"""The ``mlflow-fullmodel`` command: check and describe saved models from the shell."""
+"""The ``mlflow-fullmodel`` command: thin click commands over ``verification`` and ``lifecycle``.
+
+Every error is one line, ``Error: ...``, with exit code 1 (or 2 for a usage error), no traceback.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import click
 
+import mlflow_fullmodel
 from mlflow_fullmodel.exceptions import FullModelError
-
-
-def _download(model_uri: str) -> str:
-    from mlflow_fullmodel.exceptions import ModelFormatError
-    from mlflow_fullmodel.verification import download_model
-
-    try:
-        return download_model(model_uri)
-    except ModelFormatError as error:
-        raise click.BadParameter(str(error), param_hint="MODEL_URI") from None
 
 
 @contextmanager
@@ -36,15 +29,18 @@ def _errors_as_messages() -> Iterator[None]:
 
 
 @click.group()
+@click.version_option(mlflow_fullmodel.__version__, prog_name="mlflow-fullmodel")
 def main() -> None:
-    """Check and describe models saved with the fullmodel MLflow flavor."""
+    """Inspect, verify, sign, compare and promote models saved with the fullmodel MLflow flavor."""
 
 
 @main.command()
 @click.argument("model_uri")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
               help="Require a signature made with the private half of this PEM public key.")
-def verify(model_uri: str, public_key: str | None) -> None:
+@click.option("--fresh-env", is_flag=True,
+              help="Also check parity in a new environment built from the model's requirements.txt.")
+def verify(model_uri: str, public_key: str | None, fresh_env: bool) -> None:
     """Check a model before serving or promoting it: every file against the digest recorded in the
     registry and against the model's manifest, the spec, the signature (with --public-key), then
     load it in a clean Python process and require it to reproduce its golden example.
@@ -54,7 +50,7 @@ def verify(model_uri: str, public_key: str | None) -> None:
     from mlflow_fullmodel.verification import verify_model
 
     with _errors_as_messages():
-        report = verify_model(model_uri, public_key=public_key)
+        report = verify_model(model_uri, public_key=public_key, fresh_env=fresh_env)
     recorded = f", matching the digest recorded in {report.record.source}" if report.record else \
         " (no digest recorded in a registry for this URI: checked against its own manifest)"
     click.echo(f"OK: {model_uri} is intact ({report.digest}{recorded}); checked: {', '.join(report.checks)}. "
@@ -76,28 +72,107 @@ def sign(model_uri: str, private_key: str, password: str | None) -> None:
     click.echo(f"Signed {model_uri}: {where}")
 
 
-@main.command()
+@main.command(name="inspect")
 @click.argument("model_uri")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole spec as JSON.")
-def describe(model_uri: str, as_json: bool) -> None:
-    """Show a model's steps, runtime parameters, modules and requirements."""
-    from mlflow_fullmodel.flavor import flavor_configuration
-    from mlflow_fullmodel.storage import read_spec
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def inspect_command(model_uri: str, as_json: bool) -> None:
+    """Show a model without running it: steps and their configuration, artifacts and modules with
+    sizes and hashes, runtime parameters, signature, requirements, the golden example, the digest
+    recorded in the registry and the last verification."""
+    from mlflow_fullmodel.inspection import config_text
+    from mlflow_fullmodel.lifecycle import inspect_model
 
-    path = _download(model_uri)
     with _errors_as_messages():
-        spec = read_spec(os.path.join(path, flavor_configuration(path)["data"]))
+        facts = inspect_model(model_uri)
     if as_json:
-        click.echo(json.dumps(spec, indent=2))
+        click.echo(json.dumps(facts, indent=2))
         return
-    click.echo(f"inputs: {', '.join(spec['input_columns'])}")
-    for stage in ("preprocess", "collate", "forward", "postprocess"):
-        steps = spec[stage] if isinstance(spec[stage], list) else [spec[stage]]
-        for step in steps:
-            config = ", ".join(f"{k}={json.dumps(v)}" for k, v in step["config"].items())
-            click.echo(f"{stage:>11}: {step['target']}({config})")
-    for name, entry in spec["modules"].items():
-        click.echo(f"     module: {name} ({entry['format']}, {entry['file']})")
-    for name, param in spec["params"].items():
-        click.echo(f"      param: {name}={param['default']!r} ({param['type']}, {param['step']})")
-    click.echo(f"requirements: {', '.join(spec['requirements']) or '-'}")
+    click.echo(f"inputs: {', '.join(facts['inputs'])}   outputs: {', '.join(facts['outputs'])}   "
+               f"batch size: {facts['batch_size']}")
+    for step in facts["steps"]:
+        config = ", ".join(f"{k}={config_text(v)}" for k, v in step["config"].items())
+        click.echo(f"{step['step']:>15}: {step['target']}({config})")
+    for module in facts["modules"]:
+        click.echo(f"         module: {module['name']} ({module['format']}, {module['file']}, {module['size']} bytes, "
+                   f"methods {', '.join(module['methods'])}, sha256 {module['sha256'][:16]})")
+    for artifact in facts["artifacts"]:
+        click.echo(f"       artifact: {artifact['step']} {artifact['argument']}: {artifact['path']} "
+                   f"({artifact['size']} bytes, sha256 {(artifact['sha256'] or 'a folder')[:16]})")
+    for param in facts["params"]:
+        bounds = ", ".join(f"{k} {param[k]!r}" for k in ("minimum", "maximum", "choices") if k in param)
+        click.echo(f"          param: {param['name']}={param['default']!r} ({param['type']}, {param['step']}"
+                   f"{', ' + bounds if bounds else ''})")
+    click.echo(f"   requirements: {', '.join(facts['requirements']) or '-'}")
+    golden = facts["golden"]
+    if golden:
+        click.echo(f"         golden: {len(golden['inputs'])} rows, params {golden['params']}, "
+                   f"{len(golden['variants'])} param variants")
+    click.echo(f"         digest: {facts['digest']}")
+    record = facts["recorded_digest"]
+    click.echo(f"       recorded: {record['digest'] + ' in ' + record['source'] if record else '-'}")
+    if facts["verification"]:
+        click.echo("   verification: " + ", ".join(f"{k}={v}" for k, v in sorted(facts["verification"].items())))
+
+
+@main.command(name="describe", hidden=True)
+@click.argument("model_uri")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def describe(context: click.Context, model_uri: str, as_json: bool) -> None:
+    """The former name of inspect."""
+    context.invoke(inspect_command, model_uri=model_uri, as_json=as_json)
+
+
+@main.command()
+@click.argument("uri_a")
+@click.argument("uri_b")
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+def diff(uri_a: str, uri_b: str, as_json: bool) -> None:
+    """Show what changed from model URI_A to model URI_B: steps, configuration, params, artifacts,
+    modules, requirements, signature and the captured processing code."""
+    from mlflow_fullmodel.lifecycle import diff_models
+
+    with _errors_as_messages():
+        differences = diff_models(uri_a, uri_b)
+    if as_json:
+        click.echo(json.dumps(differences, indent=2))
+        return
+    if not differences:
+        click.echo("no differences")
+        return
+    for section, changes in differences.items():
+        if section == "code":
+            click.echo("code:")
+            click.echo(changes, nl=False)
+            continue
+        click.echo(f"{section}:")
+        for change in changes:
+            click.echo(f"  {change}")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version", required=False)
+@click.option("--alias", required=True, help="The alias to give the version, e.g. champion.")
+@click.option("--from-alias", default=None, help="Promote the version this alias holds instead of VERSION.")
+@click.option("--fresh-env", is_flag=True, help="Also check parity in an environment built from the model's requirements.")
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
+              help="Require a signature made with the private half of this PEM public key.")
+def promote(name: str, version: str | None, alias: str, from_alias: str | None, fresh_env: bool,
+            public_key: str | None) -> None:
+    """Verify version VERSION of registered model NAME, record the result on it as tags, then set
+    ALIAS to it. On any failure no alias changes."""
+    from mlflow_fullmodel.lifecycle import promote as promote_version
+
+    if (version is None) == (from_alias is None):
+        raise click.UsageError("give either VERSION or --from-alias, not both and not neither.")
+    with _errors_as_messages():
+        done = promote_version(name, version, alias=alias, from_alias=from_alias, fresh_env=fresh_env,
+                               public_key=public_key)
+    before = f" (it was on version {done.previous})" if done.previous and done.previous != done.version else ""
+    click.echo(f"Promoted {name} version {done.version} to @{alias}{before}: verified "
+               f"{', '.join(done.verification.checks)}; digest {done.verification.digest}.")
+
+
+if __name__ == "__main__":
+    main()

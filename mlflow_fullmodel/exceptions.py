@@ -40,7 +40,15 @@ class SignatureError(IntegrityError):
 
 
 class ParityError(FullModelError):
-    """A reloaded model did not reproduce the outputs recorded when it was saved."""
+    """A reloaded model did not reproduce the outputs recorded when it was saved.
+
+    ``stage`` says what failed: ``"install"`` (its environment could not be built), ``"import"``
+    (it did not load) or ``"outputs"`` (it answered differently).
+    """
+
+    def __init__(self, message: str, stage: str = "outputs") -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class DeviceError(FullModelError):

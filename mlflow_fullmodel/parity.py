@@ -156,6 +156,7 @@ def check_parity(
     digests: list[list[str]] | None = None,
     timeout: float = 600,
     root: str | None = None,
+    python: str | None = None,
 ) -> None:
     """Load the model in ``folder`` in a fresh process and compare its golden outputs.
 
@@ -168,16 +169,19 @@ def check_parity(
         timeout: Seconds the child process may take.
         root: The folder whose manifest covers ``folder`` (the MLflow model's root); ``folder``
             itself by default.
+        python: The interpreter of the fresh process (one of another environment); this one's
+            by default.
 
     Raises:
-        ParityError: The model failed to load in the fresh process, or its outputs differ.
+        ParityError: The model failed to load in the fresh process (``stage`` "import"), or its
+            outputs differ (``stage`` "outputs").
     """
     import mlflow_fullmodel
 
     runtime_dir = runtime_dir or os.path.dirname(os.path.dirname(mlflow_fullmodel.__file__))
     with tempfile.TemporaryDirectory(prefix="fullmodel-parity-") as cwd:
         result = subprocess.run(
-            [sys.executable, "-I", "-c", _CHILD, os.path.abspath(runtime_dir), os.path.abspath(folder),
+            [python or sys.executable, "-I", "-c", _CHILD, os.path.abspath(runtime_dir), os.path.abspath(folder),
              os.path.abspath(root or folder), json.dumps(digests)],
             cwd=cwd,
             capture_output=True,
@@ -188,13 +192,15 @@ def check_parity(
     if marker < 0:
         raise ParityError(
             f"The parity check process for {folder} exited with code {result.returncode} without a "
-            f"report:\n{result.stderr[-3000:]}"
+            f"report:\n{result.stderr[-3000:]}",
+            stage="import",
         )
     report = json.loads(result.stdout[marker + len("@@parity@@") :])
     if "error" in report:
         raise ParityError(
             f"The saved model failed to load or predict in a clean process (no training code on the "
-            f"import path): {report['error']}"
+            f"import path): {report['error']}",
+            stage="import",
         )
     if report["problems"]:
         shown = "\n  ".join(report["problems"][:10])

@@ -4,7 +4,8 @@
 in the tracking store (what an attacker of the artifact store cannot rewrite), every file against
 the folder's own manifest, no Python bytecode or symlinks, the flavor's format version, the spec's
 paths and step targets, the signature when a public key is given, and last the parity check: the
-model, loaded by its embedded runtime in a clean process, must reproduce its golden example.
+model, loaded by its embedded runtime in a clean process, must reproduce its golden example (and,
+when asked, the same in a new environment built from the model's requirements).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
 from mlflow_fullmodel.exceptions import IntegrityError, ModelFormatError
 from mlflow_fullmodel.flavor import check_parity_of, flavor_configuration
+from mlflow_fullmodel.fresh_env import check_parity_in_fresh_env
 from mlflow_fullmodel.registry import Record, recorded_digest
 from mlflow_fullmodel.signing import SIGNATURE_FILE, sign_folder, verify_signature
 from mlflow_fullmodel.storage import load_fullmodel, read_golden
@@ -48,7 +50,9 @@ def download_model(model_uri: str, dst_path: str | None = None) -> str:
         raise ModelFormatError(f"Cannot download {model_uri}: {message}") from None
 
 
-def verify_model(model_uri: str, *, public_key: str | None = None, parity: bool = True) -> Verification:
+def verify_model(
+    model_uri: str, *, public_key: str | None = None, parity: bool = True, fresh_env: bool = False
+) -> Verification:
     """Check a model before it is served or promoted.
 
     Args:
@@ -56,6 +60,8 @@ def verify_model(model_uri: str, *, public_key: str | None = None, parity: bool 
         public_key: A PEM public key; the model must then carry a valid signature made with its
             private key (``sign_model``).
         parity: Run the parity check in a clean process (it needs the golden example).
+        fresh_env: Also run it in a new virtual environment built from the model's own
+            ``requirements.txt`` (cached by their hash; see ``fresh_env``).
 
     Returns:
         What was checked, with the model's digest.
@@ -64,7 +70,8 @@ def verify_model(model_uri: str, *, public_key: str | None = None, parity: bool 
         IntegrityError: A file differs from the recorded digest or the manifest, or the spec names
             something outside the model; ``SignatureError`` for a missing or bad signature.
         ModelFormatError: The URI is not a fullmodel model of this format version.
-        ParityError: The model does not reproduce its golden example.
+        ParityError: The model does not reproduce its golden example; its ``stage`` says whether
+            the environment could not be installed, the model not imported, or its outputs differ.
 
     Example::
 
@@ -92,6 +99,9 @@ def verify_model(model_uri: str, *, public_key: str | None = None, parity: bool 
             raise ModelFormatError(f"{model_uri} has no golden example to check (it was saved with check_parity=False).")
         check_parity_of(path)
         report.checks.append("parity")
+    if fresh_env:
+        check_parity_in_fresh_env(folder, os.path.join(path, flavor["code"]), path)
+        report.checks.append("fresh-env")
     return report
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -91,18 +92,8 @@ def serve(model_uri: str, tracking_uri: str, extra_env: dict[str, str] | None = 
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited:\n{process.stdout.read().decode()[-3000:]}")
-        try:
-            if requests.get(f"{url}/ping", timeout=1).status_code == 200:
-                return process, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    stop(process)
-    raise RuntimeError("mlflow models serve did not answer /ping within 120 s")
+    wait_for(f"{url}/ping", process, "mlflow models serve")
+    return process, url
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -120,3 +111,62 @@ def champion_server(tracking: str, registered_reviews) -> Iterator[str]:
     process, url = serve("models:/reviews@champion", tracking)
     yield url
     stop(process)
+
+
+def wait_for(url: str, process: subprocess.Popen, what: str, seconds: float = 120) -> None:
+    """Wait until ``url`` answers 200, or fail with what ``process`` printed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited:\n{process.stdout.read().decode()[-3000:]}")
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    stop(process)
+    raise RuntimeError(f"{what} did not answer {url} within {seconds:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An `mlflow server` on loopback with proxied artifacts (clients see mlflow-artifacts: URIs),
+    shared by every test that needs a tracking server rather than a local store."""
+    folder = tmp_path_factory.mktemp("tracking-server")
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(f"{url}/health", process, "mlflow server")
+    yield url
+    stop(process)
+
+
+@contextmanager
+def tracking_uri(uri: str, experiment: str = "tests") -> Iterator[None]:
+    """Point this process's MLflow client at ``uri`` (and its experiment ``experiment``) for a while."""
+    before = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
+              mlflow.tracking.fluent._get_experiment_id())
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.set_experiment(experiment)
+    try:
+        yield
+    finally:
+        if before[0] is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before[0]
+        mlflow.set_tracking_uri(before[1])
+        mlflow.set_registry_uri(before[2])
+        if before[3] is not None:
+            mlflow.set_experiment(experiment_id=before[3])

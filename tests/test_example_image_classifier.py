@@ -248,3 +248,21 @@ def test_a_bad_sample_count_is_a_400_naming_the_parameter(server):
     response = post(server, records(PNGS[:1], tta=0))
     assert response.status_code == 400
     assert "Parameter 'tta' must be >= 1, got 0" in response.json()["message"]
+
+
+def test_diff_of_the_two_versions_names_the_steps_and_configuration_that_differ(trained):
+    from click.testing import CliRunner
+
+    from mlflow_fullmodel.cli import main
+
+    result = CliRunner().invoke(main, ["diff", f"models:/{NAME}/1", f"models:/{NAME}/2", "--json"])
+    assert result.exit_code == 0, result.output
+    differences = json.loads(result.output)
+    steps = "\n".join(differences["steps"])
+    assert "removed preprocess[2] mlflow_fullmodel.transforms.image:CenterCrop" in steps
+    assert "added preprocess[3] mlflow_fullmodel.transforms.image:RandomCrops(" in steps
+    assert "removed forward mlflow_fullmodel.forward:CallModule" in steps
+    assert "added forward mlflow_fullmodel.forward:AverageOverSamples(" in steps
+    assert {"added seed", "added tta"} <= set(differences["params"])
+    same = CliRunner().invoke(main, ["diff", f"models:/{NAME}@champion", f"models:/{NAME}/2"])
+    assert same.exit_code == 0 and same.output == "no differences\n"

@@ -1,0 +1,82 @@
+"""The parity check in a new virtual environment built from the model's own ``requirements.txt``.
+
+This is what a deployment does: install what the model says it needs (mlflow-fullmodel is not among
+it: the runtime travels inside the model), load it, answer. Environments are cached by the sha256
+of the requirements, under ``MLFLOW_FULLMODEL_ENV_CACHE`` (default ``~/.cache/mlflow-fullmodel/envs``),
+so a second check of the same requirements installs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+from mlflow_fullmodel.exceptions import ParityError
+from mlflow_fullmodel.parity import check_parity
+
+__all__ = ["ENV_CACHE_VARIABLE", "check_parity_in_fresh_env", "fresh_env"]
+
+_logger = logging.getLogger(__name__)
+
+ENV_CACHE_VARIABLE = "MLFLOW_FULLMODEL_ENV_CACHE"
+_READY = ".fullmodel-env-ready"
+
+
+def _cache_dir() -> str:
+    default = os.path.join(os.path.expanduser("~"), ".cache", "mlflow-fullmodel", "envs")
+    return os.environ.get(ENV_CACHE_VARIABLE, default)
+
+
+def fresh_env(requirements_file: str, timeout: float = 1800) -> str:
+    """The Python interpreter of a virtual environment with exactly ``requirements_file`` installed,
+    built on first use and cached by the requirements' sha256.
+
+    Raises:
+        ParityError: With ``stage`` "install", naming what pip said, when installing fails.
+    """
+    with open(requirements_file, "rb") as f:
+        key = hashlib.sha256(f.read()).hexdigest()[:16]
+    env = os.path.join(_cache_dir(), key)
+    python = os.path.join(env, "bin", "python")
+    if os.path.exists(os.path.join(env, _READY)):
+        _logger.info("Reusing the environment %s for %s", env, requirements_file)
+        return python
+    shutil.rmtree(env, ignore_errors=True)  # a half-built one from an interrupted run
+    os.makedirs(os.path.dirname(env), exist_ok=True)
+    _logger.info("Building an environment from %s in %s (minutes the first time)", requirements_file, env)
+    steps = [
+        [sys.executable, "-m", "venv", env],
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", requirements_file],
+    ]
+    for command in steps:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            shutil.rmtree(env, ignore_errors=True)
+            said = (result.stderr or result.stdout).strip().splitlines()
+            raise ParityError(
+                f"Installing the model's requirements ({requirements_file}) into a new environment "
+                f"failed: {' / '.join(said[-3:])}",
+                stage="install",
+            )
+    with open(os.path.join(env, _READY), "w") as f:
+        f.write(requirements_file + "\n")
+    return python
+
+
+def check_parity_in_fresh_env(folder: str, runtime_dir: str, root: str) -> None:
+    """The parity check of the MLflow model at ``root`` in an environment built from its
+    ``requirements.txt``.
+
+    Raises:
+        ParityError: ``stage`` says what failed: "install", "import" or "outputs".
+    """
+    python = fresh_env(os.path.join(root, "requirements.txt"))
+    try:
+        check_parity(folder, runtime_dir=runtime_dir, root=root, python=python)
+    except ParityError as error:
+        raise ParityError(f"In a fresh environment from the model's requirements ({error.stage}): {error}",
+                          stage=error.stage) from None
