@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 
 from mlflow_fullmodel.collate import example_length, length_buckets, uncollate
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError
-from mlflow_fullmodel.pipeline import FullModel, answer_records, records_frame
+from mlflow_fullmodel.pipeline import FullModel, records_frame
 
 __all__ = ["MicroBatcher"]
 
@@ -86,7 +87,7 @@ class MicroBatcher:
         self.timeout_s = timeout_s
         self._condition = threading.Condition()
         self._pending: list[_Job] = []
-        self._preprocessing = 0  # calls that will queue soon: worth a short wait for
+        self._preprocessing_calls = 0  # calls that will queue soon: worth a short wait for
         self._running = False  # a forward round is under way
 
     def __repr__(self) -> str:
@@ -99,19 +100,19 @@ class MicroBatcher:
 
     def predict_records(self, data: Any, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Like ``FullModel.predict_records``, with the forward pass shared with concurrent calls."""
-        model = self.model
-        rows = model.rows(data)
-        values = model.resolve_params(params)
+        return self.model.predict_records(data, params, forward_examples=self._forward, preprocessing=self._preprocessing)
+
+    @contextmanager
+    def _preprocessing(self) -> Iterator[None]:
+        """Count calls that are pre-processing: their examples will queue soon, worth a short wait."""
         with self._condition:
-            self._preprocessing += 1
+            self._preprocessing_calls += 1
         try:
-            examples = model.preprocess(rows, values)
+            yield
         finally:
             with self._condition:
-                self._preprocessing -= 1
+                self._preprocessing_calls -= 1
                 self._condition.notify_all()
-        outputs = self._forward(examples, values)
-        return answer_records(model.postprocess(outputs, values))
 
     def _forward(self, examples: list[Any], values: Mapping[str, Any]) -> list[Any]:
         if not examples:
@@ -165,7 +166,7 @@ class MicroBatcher:
         pre-processing (their examples would otherwise wait a whole round)."""
         deadline = time.monotonic() + self.max_wait_ms / 1000
         while (
-            self._preprocessing
+            self._preprocessing_calls
             and sum(len(j.examples) for j in self._pending) < self.max_batch_size
             and (remaining := deadline - time.monotonic()) > 0
         ):

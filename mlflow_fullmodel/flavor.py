@@ -71,7 +71,7 @@ from mlflow_fullmodel.card import CARD_FILE, PIPELINE_FILE, render_card, render_
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ModelFormatError, ParamError
 from mlflow_fullmodel.inspection import describe_model
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
-from mlflow_fullmodel.pipeline import FullModel, records_frame
+from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, records_frame
 from mlflow_fullmodel.registry import record_digest
 from mlflow_fullmodel.storage import FORMAT_VERSION, load_fullmodel, make_golden, save_fullmodel
 from mlflow_fullmodel.storage.integrity import Manifest, confined_path, verify_manifest, write_manifest
@@ -461,9 +461,10 @@ def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu")
 class _FullModelWrapper:
     """The pyfunc face of a FullModel: bad requests become HTTP 400 with a message, not a trace."""
 
-    def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None) -> None:
+    def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None, output_columns: list[str]) -> None:
         self.fullmodel = fullmodel
         self.batcher = batcher
+        self.output_columns = output_columns  # from the signature: a request whose rows all failed has them too
 
     def get_raw_model(self) -> FullModel:
         return self.fullmodel
@@ -474,6 +475,8 @@ class _FullModelWrapper:
             records = runner.predict_records(data, params=params)
         except (InputError, ParamError) as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+        if records and list(records[0]) == [ERROR_COLUMN] and self.output_columns:
+            records = [{**dict.fromkeys(self.output_columns), **record} for record in records]
         # The scoring server turns a DataFrame into exactly these records again; hand them over
         # as they are (the same JSON), and build a DataFrame only for Python callers.
         if os.environ.get(_SERVING_ENVIRONMENT) == "true":
@@ -586,4 +589,6 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Full
                                max_wait_ms=config["max_wait_ms"])
     if config["tune_server"]:
         tune_scoring_server()  # last: it freezes what loading created
-    return _FullModelWrapper(fullmodel, batcher)
+    signature = Model.load(os.path.join(root, MLMODEL_FILE_NAME)).signature
+    outputs = signature.outputs.input_names() if signature is not None and signature.outputs is not None else []
+    return _FullModelWrapper(fullmodel, batcher, [str(name) for name in outputs])

@@ -7,7 +7,8 @@ second copy of the processing code to keep in sync.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,21 @@ from mlflow_fullmodel.forward import CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import ModuleSet, resolve_device
 from mlflow_fullmodel.transform import Configurable, Param, Transform
 
-__all__ = ["FullModel", "answer_records", "apply_step", "records_frame"]
+__all__ = ["ERROR_COLUMN", "ON_ERROR", "FullModel", "answer_records", "apply_step", "records_frame"]
 
 _CPU = torch.device("cpu")
 
 #: Output column used when post-processing returns a single value instead of a dict.
 PREDICTION_COLUMN = "prediction"
+
+#: The runtime parameter every model has: ``"raise"`` (a bad row fails the call, naming it) or
+#: ``"return"`` (a bad row gets its message in the ``error`` column, nulls elsewhere).
+ON_ERROR = "on_error"
+ERROR_COLUMN = "error"
+_ON_ERROR_PARAM = Param("raise", choices=["raise", "return"])
+
+#: ``forward_examples(examples, params) -> outputs``: the forward round of ``predict_records``.
+ForwardExamples = Callable[[list[Any], Mapping[str, Any]], list[Any]]
 
 
 class FullModel:
@@ -95,9 +105,14 @@ class FullModel:
         )
 
     def _collect_params(self) -> dict[str, tuple[str, Param]]:
-        owners: dict[str, tuple[str, Param]] = {}
+        owners: dict[str, tuple[str, Param]] = {ON_ERROR: ("model", _ON_ERROR_PARAM)}
         for label, step in self.steps():
             for name, param in step.params().items():
+                if name == ON_ERROR:
+                    raise ConfigError(
+                        f"{label} ({type(step).__name__}) declares the runtime parameter '{ON_ERROR}', which "
+                        "every model has already (a bad row raises or returns its error); rename the argument."
+                    )
                 if name in owners:
                     raise ConfigError(
                         f"Runtime parameter '{name}' is declared by both {owners[name][0]} and "
@@ -170,26 +185,69 @@ class FullModel:
         """
         return records_frame(self.predict_records(data, params))
 
-    def predict_records(self, data: Any, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    def predict_records(
+        self,
+        data: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        forward_examples: ForwardExamples | None = None,
+        preprocessing: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> list[dict[str, Any]]:
         """``predict``, with the answers as one dict of plain Python values per row: what a JSON
-        response holds, without building a DataFrame."""
-        rows = self.rows(data)
+        response holds, without building a DataFrame.
+
+        ``forward_examples`` replaces the forward round (``FullModel.forward_examples``), and
+        ``preprocessing`` is entered around pre-processing: the two places where a server's
+        micro-batcher joins the data path.
+        """
         values = self.resolve_params(params)
-        examples = self.preprocess(rows, values)
+        errors: dict[int, str] | None = {} if values[ON_ERROR] == "return" else None
+        rows = self.rows(data, errors)
+        ids = [i for i in range(len(rows)) if errors is None or i not in errors]
+        examples = [rows[i] for i in ids]
+        with preprocessing():
+            ids, examples = _run_steps("preprocess", self.preprocess_steps, ids, examples, values, errors)
+        ids, outputs = self._forward_rows(ids, examples, values, forward_examples or self.forward_examples, errors)
+        ids, answers = _run_steps("postprocess", self.postprocess_steps, ids, outputs, values, errors)
+        records = answer_records(answers)
+        return records if errors is None else _with_errors(records, ids, errors, len(rows))
+
+    def forward_examples(self, examples: list[Any], params: Mapping[str, Any]) -> list[Any]:
+        """Pre-processed examples to per-example outputs, in order: length-grouped batches, each
+        collated, run through the forward strategy and split back into rows."""
         outputs: list[Any] = [None] * len(examples)
         for indices in self.plan_batches(examples):
             batch = self.collate([examples[i] for i in indices])
-            batch_outputs = self.forward(batch, values)
-            for i, output in zip(indices, uncollate(batch_outputs, len(indices))):
+            for i, output in zip(indices, uncollate(self.forward(batch, params), len(indices))):
                 outputs[i] = output
-        answers = self.postprocess(outputs, values)
-        return answer_records(answers)
+        return outputs
 
-    def rows(self, data: Any) -> list[Any]:
+    def _forward_rows(
+        self, ids: list[int], examples: list[Any], params: Mapping[str, Any], forward_examples: ForwardExamples,
+        errors: dict[int, str] | None,
+    ) -> tuple[list[int], list[Any]]:
+        try:
+            return ids, forward_examples(examples, params)
+        except Exception:
+            if errors is None:
+                raise
+        # Find the rows at fault one by one, then answer the others together as if the bad rows had
+        # never been sent: a failing row must not change its neighbours' answers.
+        kept = []
+        for row, example in zip(ids, examples):
+            try:
+                forward_examples([example], params)
+                kept.append((row, example))
+            except Exception as error:
+                errors[row] = f"Row {row}: forward {type(self.forward_strategy).__name__} failed: {brief(error)}"
+        return [row for row, _ in kept], forward_examples([e for _, e in kept], params) if kept else []
+
+    def rows(self, data: Any, errors: dict[int, str] | None = None) -> list[Any]:
         """The raw inputs of ``data``, one per row: a value, or a dict when there are several
-        input columns."""
+        input columns. A missing value raises ``InputError``, or, given ``errors``, is recorded
+        there by row index."""
         if isinstance(data, pd.DataFrame):
-            return self._frame_rows(data)
+            return self._frame_rows(data, errors)
         records = _records(data, self.input_columns)
         for index, record in enumerate(records):
             for column in self.input_columns:
@@ -199,12 +257,12 @@ class FullModel:
                         f"{self.input_columns}, got {sorted(record)}."
                     )
                 if _is_missing(record[column]):
-                    raise InputError(f"Row {index}, column '{column}': value is missing (null).")
+                    _missing(index, column, errors)
         if len(self.input_columns) == 1:
             return [record[self.input_columns[0]] for record in records]
         return [{c: record[c] for c in self.input_columns} for record in records]
 
-    def _frame_rows(self, frame: pd.DataFrame) -> list[Any]:
+    def _frame_rows(self, frame: pd.DataFrame, errors: dict[int, str] | None) -> list[Any]:
         # Column-wise: the scoring server hands every request over as a DataFrame.
         columns = self.input_columns
         names = frame.columns.tolist()
@@ -223,17 +281,14 @@ class FullModel:
         for column, column_values in values.items():
             for index, value in enumerate(column_values):
                 if _is_missing(value):
-                    raise InputError(f"Row {index}, column '{column}': value is missing (null).")
+                    _missing(index, column, errors)
         if len(columns) == 1:
             return values[columns[0]]
         return [dict(zip(columns, row)) for row in zip(*values.values())]
 
     def preprocess(self, rows: Sequence[Any], params: Mapping[str, Any]) -> list[Any]:
         """Apply each pre-processing step to all rows, in order (see ``Transform.batch``)."""
-        values = list(rows)
-        for index, step in enumerate(self.preprocess_steps):
-            values = apply_step(step, f"preprocess[{index}]", values, params)
-        return values
+        return _run_steps("preprocess", self.preprocess_steps, list(range(len(rows))), list(rows), params)[1]
 
     def plan_batches(self, examples: Sequence[Any]) -> list[list[int]]:
         """Row indices grouped into batches of similar length, so little of a batch is padding."""
@@ -250,14 +305,6 @@ class FullModel:
             )
         return to_device(outputs, _CPU)
 
-    def postprocess(self, outputs: Sequence[Any], params: Mapping[str, Any]) -> list[Any]:
-        """Apply each post-processing step to all rows' outputs, in order."""
-        values = list(outputs)
-        for index, step in enumerate(self.postprocess_steps):
-            values = apply_step(step, f"postprocess[{index}]", values, params)
-        return values
-
-
 def _instantiate(step: Any, stage: str, index: int) -> Transform:
     if isinstance(step, type) and issubclass(step, Transform):
         step = step()
@@ -273,25 +320,84 @@ def _own(step: Configurable, params: Mapping[str, Any]) -> dict[str, Any]:
     return {name: params[name] for name in step.params()}
 
 
-def apply_step(step: Transform, where: str, values: list[Any], params: Mapping[str, Any]) -> list[Any]:
+def apply_step(
+    step: Transform,
+    where: str,
+    ids: list[int],
+    values: list[Any],
+    params: Mapping[str, Any],
+    errors: dict[int, str] | None = None,
+) -> tuple[list[int], list[Any]]:
     """``step`` over all rows at once; if that fails, row by row, so that the error names the row
-    at fault and the step."""
+    at fault and the step. Returns the rows that passed (their ids and values): without
+    ``errors`` a failing row raises, with it its message is recorded there and the row dropped.
+
+    Raises:
+        InputError: A row failed (or its own ``FullModelError`` subclass), naming the row.
+        ConfigError: ``step.batch`` failed although every row passes on its own: a wrong override.
+    """
     own = _own(step, params)
     try:
-        return step.batch(values, **own)
-    except Exception:
-        pass  # find the row at fault below
-    results = []
-    for row, value in enumerate(values):
+        return ids, step.batch(values, **own)
+    except Exception as error:
+        batch_error = error  # find the row at fault below
+    kept_ids, results = [], []
+    for row, value in zip(ids, values):
         try:
             results.append(step(value, **own))
-        except FullModelError as error:
-            raise type(error)(f"Row {row}: {where} {type(step).__name__}: {error}") from error
+            kept_ids.append(row)
         except Exception as error:
-            raise InputError(
-                f"Row {row}: {where} {type(step).__name__} failed: {type(error).__name__}: {error}"
-            ) from error
-    return results
+            failure = _row_failure(row, where, step, error)
+            if errors is None:
+                raise failure from error
+            errors[row] = str(failure)
+    if len(kept_ids) == len(ids):
+        raise ConfigError(
+            f"{where} {type(step).__name__}.batch failed ({type(batch_error).__name__}: {batch_error}) although "
+            f"every row passes on its own; batch() must give what [self(x) for x in xs] gives."
+        ) from batch_error
+    return kept_ids, results
+
+
+def _run_steps(
+    stage: str, steps: list[Transform], ids: list[int], values: list[Any], params: Mapping[str, Any],
+    errors: dict[int, str] | None = None,
+) -> tuple[list[int], list[Any]]:
+    for index, step in enumerate(steps):
+        ids, values = apply_step(step, f"{stage}[{index}]", ids, values, params, errors)
+    return ids, values
+
+
+def _row_failure(row: int, where: str, step: Transform, error: Exception) -> FullModelError:
+    if isinstance(error, FullModelError):
+        return type(error)(f"Row {row}: {where} {type(step).__name__}: {error}")
+    return InputError(f"Row {row}: {where} {type(step).__name__} failed: {brief(error)}")
+
+
+def brief(error: BaseException) -> str:
+    """``Type: message`` in one line. TorchScript errors carry the scripted source and its file
+    path before the message itself, on their last line (``builtins.RuntimeError: ...``)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and ": " in lines[-1]:
+        return lines[-1].removeprefix("builtins.")
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _missing(row: int, column: str, errors: dict[int, str] | None) -> None:
+    message = f"Row {row}, column '{column}': value is missing (null)."
+    if errors is None:
+        raise InputError(message)
+    errors.setdefault(row, message)
+
+
+def _with_errors(records: list[dict[str, Any]], ids: list[int], errors: dict[int, str], rows: int) -> list[dict[str, Any]]:
+    """Every row in input order: answers with ``error`` None, failed rows with nulls and their error."""
+    answered = dict(zip(ids, records))
+    columns = list(records[0]) if records else []
+    return [
+        {**answered[row], ERROR_COLUMN: None} if row in answered else {**dict.fromkeys(columns), ERROR_COLUMN: errors[row]}
+        for row in range(rows)
+    ]
 
 
 def _records(data: Any, columns: list[str]) -> list[dict[str, Any]]:

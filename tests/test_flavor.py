@@ -43,8 +43,9 @@ def test_the_signature_names_inputs_outputs_and_params_with_defaults(saved_model
     signature = mlflow.models.Model.load(str(saved_model)).signature
     assert signature.inputs.input_names() == ["text"]
     assert signature.outputs.input_names() == ["label", "probability", "top_labels", "top_probabilities"]
-    (param,) = signature.params.params
-    assert (param.name, param.default, param.dtype.name) == ("k", 1, "long")
+    assert [(p.name, p.default, p.dtype.name) for p in signature.params.params] == [
+        ("on_error", "raise", "string"), ("k", 1, "long"),
+    ]
 
 
 def test_requirements_list_public_packages_and_what_the_steps_import_but_not_this_package(saved_model):

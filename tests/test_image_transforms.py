@@ -438,7 +438,7 @@ class TestAverageOverSamples:
             AverageOverSamples(**kwargs)
 
     def test_tta_and_seed_are_runtime_parameters_of_the_model(self, tta_model):
-        assert {name: p.default for name, p in tta_model.params.items()} == {"tta": 6, "seed": 0, "k": 4}
+        assert {name: p.default for name, p in tta_model.params.items()} == {"on_error": "raise", "tta": 6, "seed": 0, "k": 4}
 
     def test_the_same_request_with_the_same_seed_gives_the_identical_answer(self, tta_model):
         pngs = digit_pngs(5)

@@ -132,13 +132,15 @@ def test_inspect_json_lists_every_step_param_and_artifact_and_the_recorded_diges
     assert [s["step"] for s in facts["steps"]] == ["preprocess[0]", "preprocess[1]", "collate", "forward",
                                                     "postprocess[0]"]
     assert facts["steps"][1]["target"] == "mlflow_fullmodel.transforms.text:SentencePieceEncode"
-    assert facts["params"] == [{"name": "k", "default": 1, "minimum": 1, "maximum": 2, "type": "int",
-                                "step": "postprocess[0]"}]
+    assert facts["params"] == [
+        {"name": "on_error", "default": "raise", "choices": ["raise", "return"], "type": "str", "step": "model"},
+        {"name": "k", "default": 1, "minimum": 1, "maximum": 2, "type": "int", "step": "postprocess[0]"},
+    ]
     (artifact,) = facts["artifacts"]
     assert artifact["argument"] == "model_file" and artifact["size"] > 1000 and len(artifact["sha256"]) == 64
     assert facts["modules"][0]["methods"] == ["forward"] and facts["modules"][0]["format"] == "torchscript"
     assert facts["recorded_digest"]["digest"] == facts["digest"]
-    assert facts["golden"]["variants"][0]["params"] == {"k": 2}
+    assert [v["params"] for v in facts["golden"]["variants"]] == [{"on_error": "return"}, {"k": 2}]
     assert facts["verification"]["result"] == "passed"
     assert any(r.startswith("sentencepiece==") for r in facts["requirements"])
 

@@ -70,7 +70,7 @@ def test_a_param_changes_the_answer_but_not_the_columns(text_model):
 
 
 def test_an_unknown_param_is_an_error_listing_the_valid_ones(text_model):
-    with pytest.raises(fm.ParamError, match=r"Unknown parameter\(s\) \['kk'\]. Valid parameters are: \['k'\]"):
+    with pytest.raises(fm.ParamError, match=r"Unknown parameter\(s\) \['kk'\]. Valid parameters are: \['k', 'on_error'\]"):
         text_model.predict(EXAMPLE_TEXTS, params={"kk": 2})
 
 
@@ -245,3 +245,82 @@ def test_length_buckets_cover_every_row_once_and_bound_the_padding():
         assert len(bucket) <= 32
         assert len(bucket) == 1 or len(bucket) * max(sizes) <= 1.25 * sum(sizes)
     assert length_buckets([7] * 70, max_size=32) == [list(range(32)), list(range(32, 64)), list(range(64, 70))]
+
+
+# -- per-row errors: on_error="return" ---------------------------------------------------------
+
+
+class RefusesLongInputs(torch.nn.Module):
+    """A module that fails on any batch padded beyond ``limit`` tokens: a forward error of one row."""
+
+    def __init__(self, vocab_size: int, classes: int, limit: int) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(vocab_size, classes)
+        self.limit = limit
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] > self.limit:
+            raise RuntimeError("input longer than this module reads")
+        return self.embedding(ids).sum(1)
+
+
+BAD_ROWS = {1: "", 3: None, 5: 42}  # no tokens, null, not a string
+
+
+def with_bad_rows(texts: list) -> list:
+    rows = list(texts)
+    for index, value in BAD_ROWS.items():
+        rows.insert(index, value)
+    return rows
+
+
+def test_on_error_return_gives_bad_rows_their_error_and_every_other_row_its_answer(text_model):
+    good = EXAMPLE_TEXTS + ["Superb plot", "awful dull film"]
+    result = text_model.predict(with_bad_rows(good), params={"on_error": "return", "k": 2})
+    assert len(result) == len(good) + len(BAD_ROWS)
+    assert list(result.columns) == ["label", "probability", "top_labels", "top_probabilities", "error"]
+    assert result["error"][1] == "Row 1: preprocess[1] SentencePieceEncode: the text has no tokens (it is empty or only whitespace)"
+    assert result["error"][3] == "Row 3, column 'text': value is missing (null)."
+    assert result["error"][5].startswith("Row 5: preprocess[0] Normalize failed: AttributeError")
+    for index in BAD_ROWS:
+        assert result.loc[index, ["label", "probability", "top_labels", "top_probabilities"]].isna().all()
+    answered = result.drop(index=list(BAD_ROWS)).reset_index(drop=True)
+    assert answered["error"].isna().all()
+    pd.testing.assert_frame_equal(answered.drop(columns="error"), text_model.predict(good, params={"k": 2}))
+
+
+def test_on_error_raise_is_the_default_and_names_the_row(text_model):
+    with pytest.raises(fm.InputError, match=r"Row 1: preprocess\[1\] SentencePieceEncode: the text has no tokens"):
+        text_model.predict(["Great film", "", "Dull"])
+    with pytest.raises(fm.ParamError, match=r"Parameter 'on_error' must be one of \['raise', 'return'\], got 'ignore'"):
+        text_model.predict(EXAMPLE_TEXTS, params={"on_error": "ignore"})
+
+
+def test_a_row_whose_forward_pass_fails_does_not_change_the_answers_of_its_batch(spm_path):
+    torch.manual_seed(0)
+    module = fm.script(RefusesLongInputs(vocab_size=64, classes=len(LABELS), limit=12))
+    model = fm.FullModel(preprocess=[Normalize(), SentencePieceEncode(fm.Artifact(spm_path), max_length=64)],
+                         module=module, postprocess=[TopK(labels=LABELS)], batch_size=4)
+    short = ["good film", "dull plot", "great actor", "bad story", "superb scene"]
+    long = " ".join(["wonderful delightful brilliant"] * 8)
+    rows = short[:2] + [long] + short[2:]
+    result = model.predict(rows, params={"on_error": "return"})
+    assert result["error"][2] == "Row 2: forward CallModule failed: RuntimeError: input longer than this module reads"
+    assert result["error"].drop(index=2).isna().all()
+    pd.testing.assert_frame_equal(result.drop(index=2).drop(columns="error").reset_index(drop=True), model.predict(short))
+    with pytest.raises(Exception, match="input longer than this module reads"):
+        model.predict(rows)
+
+
+def test_when_every_row_fails_only_the_error_column_is_known_in_memory(text_model):
+    result = text_model.predict(["", "   "], params={"on_error": "return"})
+    assert list(result.columns) == ["error"] and result["error"].str.startswith("Row ").all()
+
+
+def test_a_step_may_not_declare_the_on_error_parameter(scripted_net):
+    @fm.transform
+    def lenient(text: str, on_error: str = "skip") -> str:
+        return text
+
+    with pytest.raises(fm.ConfigError, match=r"preprocess\[0\] \(lenient\) declares the runtime parameter 'on_error'"):
+        fm.FullModel(preprocess=[lenient(on_error=fm.Param("skip"))], module=scripted_net)

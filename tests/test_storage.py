@@ -239,10 +239,11 @@ def test_loading_leaves_no_bytecode_in_the_model_folder(tmp_path, text_model):
 
 def test_the_golden_example_records_each_param_with_another_value_within_its_bounds(tmp_path, text_model):
     golden = make_golden(text_model, EXAMPLE_TEXTS, {})
-    assert [params for params, _ in golden.variants] == [{"k": 2}]
-    pd.testing.assert_frame_equal(golden.variants[0][1], text_model.predict(EXAMPLE_TEXTS, {"k": 2}))
+    assert [params for params, _ in golden.variants] == [{"on_error": "return"}, {"k": 2}]
+    pd.testing.assert_frame_equal(golden.variants[1][1], text_model.predict(EXAMPLE_TEXTS, {"k": 2}))
     reloaded = read_golden(saved(tmp_path, text_model))
-    assert [params for params, _ in reloaded.variants] == [{"k": 1}]  # saved() starts from k=2, the maximum
+    # saved() starts from k=2, the maximum
+    assert [params for params, _ in reloaded.variants] == [{"k": 2, "on_error": "return"}, {"k": 1}]
 
 
 @pytest.mark.parametrize("param, current, expected", [
