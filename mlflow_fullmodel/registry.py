@@ -94,11 +94,14 @@ def recorded_digest(model_uri: str) -> Record | None:
             manifest_text = version.tags.get(MANIFEST_TAG)
             manifest = Manifest.from_json(manifest_text, f"the {MANIFEST_TAG} tag of {where}") if manifest_text else None
             return Record(version.tags[DIGEST_TAG], where, manifest)
-        if getattr(version, "model_id", None):
-            record = _logged_model_record(client, version.model_id)
+        # Over REST a version names its logged model only in its source, models:/<model_id>.
+        model_id = getattr(version, "model_id", None) or (
+            version.source[len("models:/"):] if (version.source or "").startswith("models:/") else None)
+        if model_id:
+            record = _logged_model_record(client, model_id)
             if record is not None:
                 return record
-        if version.run_id:
+        if version.run_id and (version.source or "").startswith("runs:/"):
             return _run_record(client, version.run_id, version.source.rstrip("/").rsplit("/", 1)[-1])
         return None
     if model_uri.startswith("runs:/"):

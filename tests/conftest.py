@@ -4,12 +4,15 @@ real MLflow tracking store and registry, and one `mlflow models serve` process f
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -86,10 +89,10 @@ def serve(model_uri: str, tracking_uri: str, extra_env: dict[str, str] | None = 
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **(extra_env or {}))
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    process = subprocess.Popen(
+    process = start(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        env,
     )
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/ping", process, "mlflow models serve")
@@ -113,12 +116,26 @@ def champion_server(tracking: str, registered_reviews) -> Iterator[str]:
     stop(process)
 
 
+def start(command: list[str], env: dict[str, str], cwd: str | Path | None = None) -> subprocess.Popen:
+    """Start a server in its own process group, its output in a log file: a pipe nobody reads
+    fills up and blocks the server in its next log line."""
+    log = tempfile.NamedTemporaryFile(prefix="fullmodel-server-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process.log_path = log.name  # type: ignore[attr-defined]
+    return process
+
+
+def server_log(process: subprocess.Popen) -> str:
+    with open(process.log_path, errors="replace") as f:  # type: ignore[attr-defined]
+        return f.read()[-3000:]
+
+
 def wait_for(url: str, process: subprocess.Popen, what: str, seconds: float = 120) -> None:
     """Wait until ``url`` answers 200, or fail with what ``process`` printed."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited:\n{process.stdout.read().decode()[-3000:]}")
+            raise RuntimeError(f"{what} exited:\n{server_log(process)}")
         try:
             if requests.get(url, timeout=1).status_code == 200:
                 return
@@ -129,24 +146,67 @@ def wait_for(url: str, process: subprocess.Popen, what: str, seconds: float = 12
     raise RuntimeError(f"{what} did not answer {url} within {seconds:.0f} s")
 
 
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if found:
+        return found[-1].parent
+    pg_ctl = shutil.which("pg_ctl")
+    return Path(pg_ctl).parent if pg_ctl else None
+
+
 @pytest.fixture(scope="session")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An `mlflow server` on loopback with proxied artifacts (clients see mlflow-artifacts: URIs),
-    shared by every test that needs a tracking server rather than a local store."""
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server of its own, in a temporary data directory, on loopback only; its
+    SQLAlchemy URI. PostgreSQL refuses to run as root, so as root it runs as the postgres user."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("needs PostgreSQL (apt-get install postgresql; .ci/run does)")
+    folder = Path(tempfile.mkdtemp(prefix="fullmodel-postgres-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = folder / "data"
+
+    def run(*command: str) -> None:
+        subprocess.run([*as_user, *command], check=True, capture_output=True, text=True, timeout=120)
+
+    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8")
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+    try:
+        run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow")
+        yield f"postgresql+psycopg://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    url: str
+    artifacts: Path  # the server's --artifacts-destination
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """A team's tracking server: `mlflow server` on loopback with the PostgreSQL backend store and
+    proxied artifacts (clients see mlflow-artifacts: URIs), shared by every test that needs one."""
     folder = tmp_path_factory.mktemp("tracking-server")
     port = free_port()
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MLFLOW_REGISTRY_URI", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+    process = start(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
          "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
+        env, cwd=folder,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_for(f"{url}/health", process, "mlflow server")
-    yield url
+    wait_for(f"{url}/health", process, "mlflow server", seconds=180)
+    yield TrackingServer(url, folder / "artifacts")
     stop(process)
 
 

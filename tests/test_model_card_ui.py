@@ -40,7 +40,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def logged(tracking_server, text_model, tmp_path_factory):
-    with tracking_uri(tracking_server):
+    with tracking_uri(tracking_server.url):
         with mlflow.start_run() as run:
             info = fm.log_model(text_model, name="model", input_example=EXAMPLE_TEXTS, registered_model_name="carded")
         local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path_factory.mktemp("card")))
@@ -62,7 +62,7 @@ def test_the_card_and_the_picture_are_rendered_in_the_mlflow_ui(tracking_server,
     from selenium.webdriver.common.by import By
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    browser.get(f"{tracking_server}/#/experiments/{logged['experiment']}/models/{logged['model_id']}/artifacts")
+    browser.get(f"{tracking_server.url}/#/experiments/{logged['experiment']}/models/{logged['model_id']}/artifacts")
 
     wait = open_artifact(browser, "MODEL_CARD.md")
     wait.until(lambda d: "Model card" in [h.text for h in d.find_elements(By.TAG_NAME, "h1")])
