@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from benchmarks import bench_batch, bench_coldstart, bench_serving
+from benchmarks import bench_batch, bench_coldstart, bench_serving, bench_spark
 from benchmarks.common import table
 
 
@@ -31,7 +31,9 @@ def main() -> None:
     print(f"Machine: {machine()}")
     batch = bench_batch.main()
     serving = bench_serving.main(*bench_batch.forward_rates(batch))
+    workers = bench_serving.workers_main()
     cold = bench_coldstart.main()
+    spark = bench_spark.main()
     if args.write:
         text = [
             "# Benchmark results", "",
@@ -41,8 +43,12 @@ def main() -> None:
             table(batch, bench_batch.HEADER), "",
             "## Serving (`mlflow models serve`, one worker, single-row requests, best of 2 alternating runs)", "",
             table(serving, bench_serving.HEADER), "",
+            "## Serving with several workers (`mlflow models serve -w N`, 32 clients, best of 3)", "",
+            table(workers, bench_serving.WORKERS_HEADER), "",
             "## Cold start (s, load + first prediction, median of 3)", "",
             table(cold, bench_coldstart.HEADER), "",
+            f"## Spark (`spark_udf` in local mode against in-process predict, {bench_spark.ROWS} rows, best of 3)", "",
+            table(spark, bench_spark.HEADER), "",
         ]
         path = Path(__file__).resolve().parent / "RESULTS.md"
         previous = path.read_text() if path.exists() else ""

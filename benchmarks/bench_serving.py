@@ -35,13 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(path: str, env: dict[str, str] | None = None, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     environment = dict(os.environ, **(env or {}))
     environment["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environment.get("PATH", "")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", path, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+         "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
         env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -99,11 +99,13 @@ async def load(url: str, clients: int, per_client: int, bodies: list[bytes]) -> 
 
 
 def measure(servers_to_start: dict[str, tuple[str, dict[str, str]]], bodies: list[bytes],
-            repeats: int = 2) -> dict[str, dict[int, dict[str, float]]]:
+            repeats: int = 2, clients_levels: tuple[int, ...] = CLIENTS,
+            workers: dict[str, int] | None = None) -> dict[str, dict[int, dict[str, float]]]:
     """All servers (name -> model path, environment) up at once, the load alternating between
     them, each level ``repeats`` times; per server and level the run with the most requests/s
     counts (the least disturbed one)."""
-    servers = {name: start_server(path, env) for name, (path, env) in servers_to_start.items()}
+    servers = {name: start_server(path, env, (workers or {}).get(name, 1))
+               for name, (path, env) in servers_to_start.items()}
     # The load generator shares this process with torch, MLflow and pandas; a full collection of
     # their objects would stall it for tens of ms and show up as server latency.
     gc.collect()
@@ -112,7 +114,7 @@ def measure(servers_to_start: dict[str, tuple[str, dict[str, str]]], bodies: lis
         for _, url in servers.values():
             asyncio.run(load(url, 4, WARMUP // 4, bodies))
         results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in servers}
-        runs = [(clients, name) for clients in CLIENTS for _ in range(repeats) for name in servers]
+        runs = [(clients, name) for clients in clients_levels for _ in range(repeats) for name in servers]
         for clients, name in tqdm(runs, desc="serving", unit="run", leave=False, disable=None):
             process, url = servers[name]
             per_client = REQUESTS_PER_CLIENT[clients]
@@ -163,6 +165,31 @@ def main(limits: dict[str, float], singles: dict[str, float]) -> list[list[objec
     print("\nServing, single-row requests, one worker (best of 2 alternating runs; the ceiling is a model "
           "that does no work)")
     print(table(rows, HEADER))
+    return rows
+
+
+WORKERS_HEADER = ["model", "workers", "threads per worker", "req/s at 32 clients", "x 1 worker", "p50 ms", "p99 ms",
+                  "CPU ms/req"]
+
+
+def workers_main() -> list[list[object]]:
+    """The fullmodel server with 1 and 2 workers (``mlflow models serve -w N``) at 32 clients, each
+    worker with the thread count the model picks for N workers (``serving.default_thread_count``)."""
+    from mlflow_fullmodel.serving import default_thread_count
+
+    bodies = [json.dumps({"dataframe_records": [{"text": t}]}).encode() for t in texts(300, seed=5)]
+    rows = []
+    for size in ("tiny", "medium"):
+        path = saved_models(size)["fullmodel"]
+        results = measure({"1": (path, {}), "2": (path, {})}, bodies, repeats=3, clients_levels=(32,),
+                          workers={"1": 1, "2": 2})
+        for n in ("1", "2"):
+            r = results[n][32]
+            rows.append([size, n, default_thread_count(int(n)), f"{r['rps']:.0f}",
+                         f"{r['rps'] / results['1'][32]['rps']:.2f}", f"{r['p50']:.1f}", f"{r['p99']:.1f}",
+                         f"{r['cpu_ms']:.1f}"])
+    print("\nServing with several workers, single-row requests, 32 clients (best of 3 alternating runs)")
+    print(table(rows, WORKERS_HEADER))
     return rows
 
 

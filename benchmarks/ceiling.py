@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlflow
 
-from mlflow_fullmodel.flavor import tune_scoring_server
+from mlflow_fullmodel.serving import tune_scoring_server
 
 
 class Ceiling(mlflow.pyfunc.PythonModel):

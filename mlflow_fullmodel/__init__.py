@@ -42,9 +42,8 @@ from mlflow_fullmodel.modules import script
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.transform import Artifact, Param, Transform, transform
 
-_FLAVOR_FUNCTIONS = {
-    "save_model", "log_model", "load_model", "get_default_pip_requirements", "tune_scoring_server", "FLAVOR_NAME",
-}
+_FLAVOR_FUNCTIONS = {"save_model", "log_model", "load_model", "get_default_pip_requirements", "FLAVOR_NAME"}
+_SERVING_FUNCTIONS = {"tune_scoring_server"}
 
 __all__ = [
     "Artifact",
@@ -70,7 +69,7 @@ __all__ = [
     "Transform",
     "script",
     "transform",
-    *sorted(_FLAVOR_FUNCTIONS),
+    *sorted(_FLAVOR_FUNCTIONS | _SERVING_FUNCTIONS),
 ]
 
 
@@ -79,4 +78,8 @@ def __getattr__(name: str) -> Any:
         from mlflow_fullmodel import flavor
 
         return getattr(flavor, name)
+    if name in _SERVING_FUNCTIONS:
+        from mlflow_fullmodel import serving
+
+        return getattr(serving, name)
     raise AttributeError(f"module 'mlflow_fullmodel' has no attribute '{name}'")

@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import gc
 import importlib.metadata
 import logging
 import os
@@ -36,14 +35,12 @@ from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 import pandas as pd
-import torch
 import yaml
 from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelInputExample, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
@@ -66,19 +63,17 @@ from mlflow.utils.model_utils import (
 )
 
 import mlflow_fullmodel
-from mlflow_fullmodel.batching import MicroBatcher
 from mlflow_fullmodel.card import CARD_FILE, PIPELINE_FILE, render_card, render_pipeline, summary
-from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ModelFormatError, ParamError
+from mlflow_fullmodel.exceptions import ConfigError, FullModelError, ModelFormatError
 from mlflow_fullmodel.inspection import describe_model
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
-from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, records_frame
+from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.registry import record_digest
+from mlflow_fullmodel.serving import SETTINGS, ServedModel, serve, serving_config, set_thread_count
 from mlflow_fullmodel.storage import FORMAT_VERSION, load_fullmodel, make_golden, save_fullmodel
 from mlflow_fullmodel.storage.integrity import Manifest, confined_path, verify_manifest, write_manifest
 
-__all__ = [
-    "FLAVOR_NAME", "get_default_pip_requirements", "load_model", "log_model", "save_model", "tune_scoring_server",
-]
+__all__ = ["FLAVOR_NAME", "get_default_pip_requirements", "load_model", "log_model", "save_model"]
 
 _logger = logging.getLogger(__name__)
 
@@ -86,10 +81,6 @@ FLAVOR_NAME = "fullmodel"
 _DATA_SUBPATH = "fullmodel"
 _CODE_SUBPATH = "code"
 
-# Set by MLflow's scoring server in its process: the model path before loading, the flag before
-# serving requests.
-_SERVER_MODEL_PATH = "__pyfunc_model_path__"
-_SERVING_ENVIRONMENT = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 
 _SCHEMA_TYPES = {str: "string", bytes: "binary", bool: "boolean", int: "long", float: "double"}
 
@@ -228,7 +219,7 @@ def _write_model(
         python_env=_PYTHON_ENV_FILE_NAME,
         # Declared so that MLflow passes load-time overrides through (it drops unknown keys);
         # None means: the MLFLOW_FULLMODEL_* environment variable, else the default.
-        model_config=dict.fromkeys(_SERVING_DEFAULTS),
+        model_config=dict.fromkeys(SETTINGS),
     )
     mlflow_model.add_flavor(
         FLAVOR_NAME,
@@ -452,143 +443,28 @@ def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu")
         model = fm.load_model("models:/reviews@champion")
         model.predict(["What a film!"], params={"k": 2})
     """
-    local_path = _download_artifact_from_uri(model_uri, output_path=dst_path)
-    manifest = verify_manifest(local_path)
-    flavor = flavor_configuration(local_path)
-    return load_fullmodel(os.path.join(local_path, flavor["data"]), device, root=local_path, manifest=manifest)
+    return _load_checked(_download_artifact_from_uri(model_uri, output_path=dst_path), device)
 
 
-class _FullModelWrapper:
-    """The pyfunc face of a FullModel: bad requests become HTTP 400 with a message, not a trace."""
-
-    def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None, output_columns: list[str]) -> None:
-        self.fullmodel = fullmodel
-        self.batcher = batcher
-        self.output_columns = output_columns  # from the signature: a request whose rows all failed has them too
-
-    def get_raw_model(self) -> FullModel:
-        return self.fullmodel
-
-    def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
-        runner = self.batcher if self.batcher is not None else self.fullmodel
-        try:
-            records = runner.predict_records(data, params=params)
-        except (InputError, ParamError) as error:
-            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
-        if records and list(records[0]) == [ERROR_COLUMN] and self.output_columns:
-            records = [{**dict.fromkeys(self.output_columns), **record} for record in records]
-        # The scoring server turns a DataFrame into exactly these records again; hand them over
-        # as they are (the same JSON), and build a DataFrame only for Python callers.
-        if os.environ.get(_SERVING_ENVIRONMENT) == "true":
-            return records
-        return records_frame(records)
+def _load_checked(model_path: str, device: str) -> FullModel:
+    """The FullModel of the local MLflow model at ``model_path``: every file checked against the
+    manifest first, then the flavor block (read only once it is known intact), then the spec."""
+    manifest = verify_manifest(model_path)
+    flavor = flavor_configuration(model_path)
+    return load_fullmodel(os.path.join(model_path, flavor["data"]), device, root=model_path, manifest=manifest)
 
 
-#: Serving settings: pyfunc ``model_config`` key -> (environment variable, default, type).
-_SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
-    "device": ("MLFLOW_FULLMODEL_DEVICE", "cpu", str),
-    # None: on for CUDA, where a batch costs about what one example does; off on the CPU, where
-    # intra-op threads already spread one example over the cores, and the merged batches (a
-    # scoring server runs at most cores + 4 requests at once) are too small to repay their padding.
-    "batching": ("MLFLOW_FULLMODEL_BATCHING", None, bool),
-    "max_batch_size": ("MLFLOW_FULLMODEL_MAX_BATCH_SIZE", None, int),  # None: the model's batch_size
-    "max_wait_ms": ("MLFLOW_FULLMODEL_MAX_WAIT_MS", 2.0, float),
-    # None: half the cores in a scoring server (the other half parses and answers requests while
-    # a forward pass runs), torch's default elsewhere.
-    "num_threads": ("MLFLOW_FULLMODEL_NUM_THREADS", None, int),
-    # Process-wide settings for a scoring server's own process (see tune_scoring_server).
-    "tune_server": ("MLFLOW_FULLMODEL_TUNE_SERVER", True, bool),
-}
-
-
-def serving_config(model_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Resolve each serving setting: ``model_config``, else its environment variable, else the
-    default. Unknown keys and unparsable values are errors naming them."""
-    config = {k: v for k, v in (model_config or {}).items() if v is not None}
-    unknown = sorted(set(config) - set(_SERVING_DEFAULTS))
-    if unknown:
-        raise MlflowException(
-            f"Unknown model_config key(s) {unknown} for a fullmodel model; valid keys: "
-            f"{sorted(_SERVING_DEFAULTS)}.",
-            error_code=INVALID_PARAMETER_VALUE,
-        )
-    resolved = {}
-    for key, (variable, default, kind) in _SERVING_DEFAULTS.items():
-        value = config.get(key, os.environ.get(variable, default))
-        if isinstance(value, str) and kind is not str:
-            try:
-                value = value.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
-            except ValueError:
-                raise MlflowException(
-                    f"{key} ({variable}) must be a {kind.__name__}, got {value!r}.",
-                    error_code=INVALID_PARAMETER_VALUE,
-                ) from None
-        resolved[key] = value
-    return resolved
-
-
-def tune_scoring_server() -> bool:
-    """Tune the process of ``mlflow models serve`` for serving; elsewhere do nothing.
-
-    Only a scoring server process is changed (MLflow marks it before loading the model), because
-    both settings are process-wide and that process exists to serve the model. fullmodel models
-    call this when they are loaded, unless the serving setting ``tune_server`` is false; a
-    PythonModel can call it from its ``load_context``. Returns whether the process was tuned.
-
-    The server turns every request into a DataFrame. pandas 3 stores its strings in Arrow arrays,
-    and each Arrow call releases the GIL; with the server's event loop and predict threads waiting
-    for it, every release costs a thread switch, which makes pandas the server's largest cost per
-    request. Python-object string storage holds the same ``str`` values without those calls.
-
-    The objects that exist once the model is loaded (MLflow, torch, pandas, the model: several
-    hundred thousand) live as long as the server. Frozen, they are left out of the garbage
-    collector's full collections, each of which would otherwise stop every request for about
-    55 ms, about twice a second under load.
-
-    Example::
-
-        class MyModel(mlflow.pyfunc.PythonModel):
-            def load_context(self, context):
-                self.net = torch.jit.load(context.artifacts["net"])
-                mlflow_fullmodel.tune_scoring_server()
-    """
-    if _SERVER_MODEL_PATH not in os.environ:
-        return False
-    try:
-        pd.set_option("mode.string_storage", "python")
-    except (KeyError, ValueError) as error:  # a pandas without the option or the value
-        _logger.info("Request strings stay in pandas' default storage: %s", error)
-    gc.collect()  # loading's own garbage first: frozen, it would never be freed
-    gc.freeze()
-    return True
-
-
-def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _FullModelWrapper:
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> ServedModel:
     """Called by ``mlflow.pyfunc.load_model``. ``model_config`` (or, for ``mlflow models serve``,
-    the ``MLFLOW_FULLMODEL_*`` environment variables) sets ``device``, ``batching``,
-    ``max_batch_size``, ``max_wait_ms``, ``num_threads`` and ``tune_server``."""
+    the ``MLFLOW_FULLMODEL_*`` environment variables) sets the serving settings of
+    ``serving.serving_config``."""
     config = serving_config(model_config)
-    threads = config["num_threads"]
-    if threads is None and _SERVER_MODEL_PATH in os.environ:
-        threads = max(1, (os.cpu_count() or 1) // 2)
-    if threads:
-        torch.set_num_threads(threads)
+    set_thread_count(config)
+    root = os.path.dirname(os.path.normpath(path))
     try:
-        root = os.path.dirname(os.path.normpath(path))
-        manifest = verify_manifest(root)
-        flavor_configuration(root)
-        fullmodel = load_fullmodel(path, config["device"], root=root, manifest=manifest)
+        fullmodel = _load_checked(root, config["device"])
     except FullModelError as error:
         raise MlflowException(str(error)) from error
-    batching = config["batching"]
-    if batching is None:
-        batching = fullmodel.device.type == "cuda"
-    batcher = None
-    if batching:
-        batcher = MicroBatcher(fullmodel, max_batch_size=config["max_batch_size"] or fullmodel.batch_size,
-                               max_wait_ms=config["max_wait_ms"])
-    if config["tune_server"]:
-        tune_scoring_server()  # last: it freezes what loading created
     signature = Model.load(os.path.join(root, MLMODEL_FILE_NAME)).signature
     outputs = signature.outputs.input_names() if signature is not None and signature.outputs is not None else []
-    return _FullModelWrapper(fullmodel, batcher, [str(name) for name in outputs])
+    return serve(fullmodel, config, [str(name) for name in outputs])

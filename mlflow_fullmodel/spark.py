@@ -7,7 +7,7 @@ Example::
     from mlflow_fullmodel.spark import nulls_for_failed_rows, result_type
 
     uri = "models:/reviews@champion"
-    score = mlflow.pyfunc.spark_udf(spark, uri, result_type=result_type(uri),
+    score = mlflow.pyfunc.spark_udf(spark, uri, result_type=result_type(uri, errors=True),
                                     params={"k": 2, "on_error": "return"}, env_manager="local")
     scored = nulls_for_failed_rows(texts.withColumn("answer", score("text")), "answer")
 
@@ -28,9 +28,10 @@ from mlflow_fullmodel.pipeline import ERROR_COLUMN
 __all__ = ["nulls_for_failed_rows", "result_type"]
 
 
-def result_type(model_uri: str, *, errors: bool = True) -> Any:
+def result_type(model_uri: str, *, errors: bool = False) -> Any:
     """The ``pyspark.sql.types.StructType`` of the model's answers, from its signature: one field
-    per output column, and with ``errors`` the ``error`` column that ``on_error="return"`` adds.
+    per output column, and with ``errors`` the ``error`` column that ``on_error="return"`` adds
+    (ask for it exactly when the UDF's params set ``on_error`` to ``"return"``).
 
     Raises:
         ModelFormatError: The model has no output signature to build it from.

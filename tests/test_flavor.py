@@ -259,7 +259,7 @@ def test_tune_scoring_server_does_nothing_outside_a_scoring_server(monkeypatch):
 
 class TestServingConfig:
     def test_model_config_wins_over_the_environment_which_wins_over_defaults(self, monkeypatch):
-        from mlflow_fullmodel.flavor import serving_config
+        from mlflow_fullmodel.serving import serving_config
 
         monkeypatch.setenv("MLFLOW_FULLMODEL_MAX_WAIT_MS", "7.5")
         monkeypatch.setenv("MLFLOW_FULLMODEL_BATCHING", "false")
@@ -269,7 +269,7 @@ class TestServingConfig:
         assert serving_config({"max_wait_ms": 1})["max_wait_ms"] == 1
 
     def test_a_value_that_does_not_parse_is_an_error_naming_the_variable(self, monkeypatch):
-        from mlflow_fullmodel.flavor import serving_config
+        from mlflow_fullmodel.serving import serving_config
 
         monkeypatch.setenv("MLFLOW_FULLMODEL_MAX_BATCH_SIZE", "lots")
         with pytest.raises(mlflow.exceptions.MlflowException, match=r"max_batch_size \(MLFLOW_FULLMODEL_MAX_BATCH_SIZE\) must be a int"):
@@ -284,3 +284,22 @@ class TestServingConfig:
         expected = text_model.predict(EXAMPLE_TEXTS * 3, params={"k": 2})
         for model in (batched, plain):
             pd.testing.assert_frame_equal(model.predict(frame, params={"k": 2}), expected)
+
+
+class TestServerWorkers:
+    @pytest.mark.parametrize("workers, cores, expected", [(1, 2, 1), (2, 2, 1), (1, 16, 8), (2, 16, 4), (3, 16, 2),
+                                                          (8, 4, 1)])
+    def test_each_worker_gets_its_share_of_half_the_cores(self, workers, cores, expected):
+        from mlflow_fullmodel.serving import default_thread_count
+
+        assert default_thread_count(workers, cores) == expected
+
+    def test_the_worker_count_is_read_from_the_uvicorn_command_line_of_the_process_or_its_parent(self):
+        probe = "from mlflow_fullmodel.serving import server_workers; print(server_workers())"
+        own = subprocess.run([sys.executable, "-c", probe, "uvicorn", "--workers", "3"], capture_output=True, text=True)
+        assert own.stdout.strip() == "3", own.stderr
+        spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {probe!r}])"
+        child = subprocess.run([sys.executable, "-c", spawn, "uvicorn", "--workers", "2"], capture_output=True, text=True)
+        assert child.stdout.strip() == "2", child.stderr
+        alone = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert alone.stdout.strip() == "1"

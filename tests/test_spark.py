@@ -55,7 +55,7 @@ def test_spark_udf_scores_every_row_with_params_and_returns_bad_rows_errors(spar
     from mlflow_fullmodel.spark import nulls_for_failed_rows, result_type
 
     uri = "models:/reviews@champion"
-    score = mlflow.pyfunc.spark_udf(spark, uri, result_type=result_type(uri), params={"k": 2, "on_error": "return"},
+    score = mlflow.pyfunc.spark_udf(spark, uri, result_type=result_type(uri, errors=True), params={"k": 2, "on_error": "return"},
                                     env_manager="local")
     frame = spark.createDataFrame(pd.DataFrame({"id": range(ROWS), "text": texts}))
     scored = nulls_for_failed_rows(frame.withColumn("answer", score("text")), "answer").orderBy("id").toPandas()

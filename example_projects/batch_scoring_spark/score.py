@@ -50,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from pyspark.sql import SparkSession
 
     spark = (SparkSession.builder.master(args.master).appName("fullmodel batch scoring")
-             .config("spark.ui.enabled", "false").getOrCreate())
+             .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false").getOrCreate())
     try:
-        score = mlflow.pyfunc.spark_udf(spark, args.model_uri, result_type=result_type(args.model_uri),
+        score = mlflow.pyfunc.spark_udf(spark, args.model_uri, result_type=result_type(args.model_uri, errors=True),
                                         params=params, env_manager="local")
         table = spark.read.parquet(args.input)
         inputs = [name for name in mlflow.models.Model.load(args.model_uri).signature.inputs.input_names()]

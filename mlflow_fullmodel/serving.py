@@ -1,0 +1,192 @@
+"""Serving a loaded FullModel through pyfunc: the settings, the scoring server's process, and the
+wrapper MLflow calls.
+
+Settings come from the pyfunc ``model_config`` or, for ``mlflow models serve``, from
+``MLFLOW_FULLMODEL_*`` environment variables (``serving_config``). Inside a scoring server the
+process itself is tuned (``tune_scoring_server``) and torch's intra-op threads are set for the
+number of server workers sharing the machine (``default_thread_count``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from mlflow_fullmodel.batching import MicroBatcher
+from mlflow_fullmodel.exceptions import InputError, ParamError
+from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, records_frame
+
+__all__ = ["SETTINGS", "ServedModel", "default_thread_count", "serve", "serving_config", "set_thread_count", "tune_scoring_server"]
+
+_logger = logging.getLogger(__name__)
+
+# Set by MLflow's scoring server in its process: the model path before loading, the flag before
+# serving requests.
+_SERVER_MODEL_PATH = "__pyfunc_model_path__"
+_SERVING_ENVIRONMENT = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
+
+
+class ServedModel:
+    """The pyfunc face of a FullModel: bad requests become HTTP 400 with a message, not a trace."""
+
+    def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None, output_columns: list[str]) -> None:
+        self.fullmodel = fullmodel
+        self.batcher = batcher
+        self.output_columns = output_columns  # from the signature: a request whose rows all failed has them too
+
+    def get_raw_model(self) -> FullModel:
+        return self.fullmodel
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
+        runner = self.batcher if self.batcher is not None else self.fullmodel
+        try:
+            records = runner.predict_records(data, params=params)
+        except (InputError, ParamError) as error:
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+        if records and list(records[0]) == [ERROR_COLUMN] and self.output_columns:
+            records = [{**dict.fromkeys(self.output_columns), **record} for record in records]
+        # The scoring server turns a DataFrame into exactly these records again; hand them over
+        # as they are (the same JSON), and build a DataFrame only for Python callers.
+        if os.environ.get(_SERVING_ENVIRONMENT) == "true":
+            return records
+        return records_frame(records)
+
+
+#: Serving settings: pyfunc ``model_config`` key -> (environment variable, default, type).
+_SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
+    "device": ("MLFLOW_FULLMODEL_DEVICE", "cpu", str),
+    # None: on for CUDA, where a batch costs about what one example does; off on the CPU, where
+    # intra-op threads already spread one example over the cores, and the merged batches (a
+    # scoring server runs at most cores + 4 requests at once) are too small to repay their padding.
+    "batching": ("MLFLOW_FULLMODEL_BATCHING", None, bool),
+    "max_batch_size": ("MLFLOW_FULLMODEL_MAX_BATCH_SIZE", None, int),  # None: the model's batch_size
+    "max_wait_ms": ("MLFLOW_FULLMODEL_MAX_WAIT_MS", 2.0, float),
+    # None: in a scoring server half the cores, shared by its workers (default_thread_count);
+    # torch's default elsewhere.
+    "num_threads": ("MLFLOW_FULLMODEL_NUM_THREADS", None, int),
+    # Process-wide settings for a scoring server's own process (see tune_scoring_server).
+    "tune_server": ("MLFLOW_FULLMODEL_TUNE_SERVER", True, bool),
+}
+
+
+SETTINGS = tuple(_SERVING_DEFAULTS)
+
+
+def serving_config(model_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Resolve each serving setting: ``model_config``, else its environment variable, else the
+    default. Unknown keys and unparsable values are errors naming them."""
+    config = {k: v for k, v in (model_config or {}).items() if v is not None}
+    unknown = sorted(set(config) - set(_SERVING_DEFAULTS))
+    if unknown:
+        raise MlflowException(
+            f"Unknown model_config key(s) {unknown} for a fullmodel model; valid keys: "
+            f"{sorted(_SERVING_DEFAULTS)}.",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    resolved = {}
+    for key, (variable, default, kind) in _SERVING_DEFAULTS.items():
+        value = config.get(key, os.environ.get(variable, default))
+        if isinstance(value, str) and kind is not str:
+            try:
+                value = value.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
+            except ValueError:
+                raise MlflowException(
+                    f"{key} ({variable}) must be a {kind.__name__}, got {value!r}.",
+                    error_code=INVALID_PARAMETER_VALUE,
+                ) from None
+        resolved[key] = value
+    return resolved
+
+
+def tune_scoring_server() -> bool:
+    """Tune the process of ``mlflow models serve`` for serving; elsewhere do nothing.
+
+    Only a scoring server process is changed (MLflow marks it before loading the model), because
+    both settings are process-wide and that process exists to serve the model. fullmodel models
+    call this when they are loaded, unless the serving setting ``tune_server`` is false; a
+    PythonModel can call it from its ``load_context``. Returns whether the process was tuned.
+
+    The server turns every request into a DataFrame. pandas 3 stores its strings in Arrow arrays,
+    and each Arrow call releases the GIL; with the server's event loop and predict threads waiting
+    for it, every release costs a thread switch, which makes pandas the server's largest cost per
+    request. Python-object string storage holds the same ``str`` values without those calls.
+
+    The objects that exist once the model is loaded (MLflow, torch, pandas, the model: several
+    hundred thousand) live as long as the server. Frozen, they are left out of the garbage
+    collector's full collections, each of which would otherwise stop every request for about
+    55 ms, about twice a second under load.
+
+    Example::
+
+        class MyModel(mlflow.pyfunc.PythonModel):
+            def load_context(self, context):
+                self.net = torch.jit.load(context.artifacts["net"])
+                mlflow_fullmodel.tune_scoring_server()
+    """
+    if _SERVER_MODEL_PATH not in os.environ:
+        return False
+    try:
+        pd.set_option("mode.string_storage", "python")
+    except (KeyError, ValueError) as error:  # a pandas without the option or the value
+        _logger.info("Request strings stay in pandas' default storage: %s", error)
+    gc.collect()  # loading's own garbage first: frozen, it would never be freed
+    gc.freeze()
+    return True
+
+
+def server_workers() -> int:
+    """How many worker processes the scoring server runs: ``mlflow models serve -w N`` starts
+    ``uvicorn --workers N``, which a worker finds on its own command line (one worker) or on its
+    supervisor's (several). 1 where it cannot be read."""
+    for pid in ("self", str(os.getppid())):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                arguments = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(re.search(r"uvicorn", a) for a in arguments) and "--workers" in arguments:
+            value = arguments[arguments.index("--workers") + 1]
+            if value.isdigit():
+                return max(1, int(value))
+    return 1
+
+
+def default_thread_count(workers: int, cores: int | None = None) -> int:
+    """torch intra-op threads per worker of a scoring server: half the cores shared by the
+    workers, at least one (the other half parses and answers requests while a forward pass runs)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // (2 * workers))
+
+
+def set_thread_count(config: Mapping[str, Any]) -> None:
+    """Apply the ``num_threads`` setting; in a scoring server without one, the default for its
+    number of workers."""
+    threads = config["num_threads"]
+    if threads is None and _SERVER_MODEL_PATH in os.environ:
+        threads = default_thread_count(server_workers())
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def serve(fullmodel: FullModel, config: Mapping[str, Any], output_columns: list[str]) -> ServedModel:
+    """The pyfunc wrapper of a loaded model, with micro-batching as configured, the scoring
+    server's process tuned last (it freezes what loading created)."""
+    batching = config["batching"]
+    if batching is None:
+        batching = fullmodel.device.type == "cuda"
+    batcher = None
+    if batching:
+        batcher = MicroBatcher(fullmodel, max_batch_size=config["max_batch_size"] or fullmodel.batch_size,
+                               max_wait_ms=config["max_wait_ms"])
+    if config["tune_server"]:
+        tune_scoring_server()
+    return ServedModel(fullmodel, batcher, output_columns)
