@@ -97,3 +97,27 @@ def test_concurrent_requests_through_the_micro_batcher_get_their_own_answers(tra
         expected = text_model.predict([text], params={"k": 1 + i % 2})
         assert answers[i]["top_labels"] == expected["top_labels"][0], answers[i]
         assert answers[i]["probability"] == pytest.approx(expected["probability"][0], rel=REL_TOL, abs=ABS_TOL)
+
+
+def test_on_error_return_answers_every_row_over_http_with_the_bad_ones_errors(champion_server, text_model):
+    rows = [EXAMPLE_TEXTS[0], "", EXAMPLE_TEXTS[1], None]
+    response = invoke(champion_server, {"dataframe_records": [{"text": t} for t in rows],
+                                        "params": {"on_error": "return", "k": 2}})
+    result = answers(response)
+    assert list(result.columns) == ["label", "probability", "top_labels", "top_probabilities", "error"]
+    predictions = response.json()["predictions"]
+    assert predictions[0]["error"] is None and predictions[2]["error"] is None  # JSON null
+    assert predictions[1]["label"] is None and predictions[3]["top_labels"] is None
+    assert result["error"][1].startswith("Row 1: preprocess[1] SentencePieceEncode: the text has no tokens")
+    assert result["error"][3] == "Row 3, column 'text': value is missing (null)."
+    assert result.loc[[1, 3], "label"].isna().all()
+    expected = text_model.predict([EXAMPLE_TEXTS[0], EXAMPLE_TEXTS[1]], params={"k": 2})
+    assert result.loc[[0, 2], "label"].tolist() == expected["label"].tolist()
+    assert result.loc[[0, 2], "probability"].tolist() == pytest.approx(expected["probability"].tolist(), rel=REL_TOL,
+                                                                       abs=ABS_TOL)
+
+
+def test_a_request_whose_rows_all_fail_still_has_every_output_column(champion_server):
+    result = answers(invoke(champion_server, {"inputs": ["", "  "], "params": {"on_error": "return"}}))
+    assert list(result.columns) == ["label", "probability", "top_labels", "top_probabilities", "error"]
+    assert result["label"].isna().all() and result["error"].notna().all()
