@@ -23,6 +23,15 @@ class InputError(FullModelError, ValueError):
     """The data passed to ``predict`` is malformed: a missing column or a row a stage rejected."""
 
 
+class ModelError(FullModelError):
+    """A step or module of the model failed in a way the input does not explain (a bug in a
+    transform, a module that raises): the model's fault, not the caller's. ``step`` names it."""
+
+    def __init__(self, message: str, step: str = "") -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class CodeCaptureError(FullModelError):
     """The source code of a stage could not be captured into the saved model."""
 

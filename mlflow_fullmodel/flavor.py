@@ -43,7 +43,7 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
 from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.utils import _infer_schema
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
@@ -467,4 +467,6 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Serve
         raise MlflowException(str(error)) from error
     signature = Model.load(os.path.join(root, MLMODEL_FILE_NAME)).signature
     outputs = signature.outputs.input_names() if signature is not None and signature.outputs is not None else []
-    return serve(fullmodel, config, [str(name) for name in outputs])
+    inputs = signature.inputs.inputs if signature is not None and signature.inputs is not None else []
+    binary = {str(c.name) for c in inputs if getattr(c, "type", None) == DataType.binary}
+    return serve(fullmodel, config, [str(name) for name in outputs], frozenset(binary))

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from mlflow_fullmodel.collate import Batch, PadCollate, example_length, length_buckets, to_device, uncollate
-from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ParamError
+from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ModelError, ParamError
 from mlflow_fullmodel.forward import CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import ModuleSet, resolve_device
 from mlflow_fullmodel.transform import Configurable, Param, Transform
@@ -228,9 +228,13 @@ class FullModel:
     ) -> tuple[list[int], list[Any]]:
         try:
             return ids, forward_examples(examples, params)
-        except Exception:
+        except FullModelError:
             if errors is None:
                 raise
+        except Exception as error:
+            if errors is None:
+                name = f"forward {type(self.forward_strategy).__name__}"
+                raise ModelError(f"{name} failed: {brief(error)}", step=name) from error
         # Find the rows at fault one by one, then answer the others together as if the bad rows had
         # never been sent: a failing row must not change its neighbours' answers.
         kept = []
@@ -368,10 +372,20 @@ def _run_steps(
     return ids, values
 
 
+#: Exceptions a step raises about the value it was given: the input's fault. Anything else from a
+#: step (an AttributeError, a RuntimeError, ...) is a ``ModelError``.
+INPUT_FAULTS = (ValueError, TypeError, KeyError, IndexError, UnicodeError, OverflowError)
+
+
 def _row_failure(row: int, where: str, step: Transform, error: Exception) -> FullModelError:
+    name = f"{where} {type(step).__name__}"
+    if isinstance(error, ModelError):
+        return ModelError(f"Row {row}: {name}: {error}", step=name)
     if isinstance(error, FullModelError):
-        return type(error)(f"Row {row}: {where} {type(step).__name__}: {error}")
-    return InputError(f"Row {row}: {where} {type(step).__name__} failed: {brief(error)}")
+        return type(error)(f"Row {row}: {name}: {error}")
+    if isinstance(error, INPUT_FAULTS):
+        return InputError(f"Row {row}: {name} failed: {brief(error)}")
+    return ModelError(f"Row {row}: {name} failed: {brief(error)}", step=name)
 
 
 def brief(error: BaseException) -> str:

@@ -14,18 +14,19 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from mlflow_fullmodel.batching import MicroBatcher
-from mlflow_fullmodel.exceptions import InputError, ParamError
-from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, records_frame
+from mlflow_fullmodel.exceptions import InputError, ModelError, ParamError
+from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, brief, records_frame
 
-__all__ = ["SETTINGS", "ServedModel", "default_thread_count", "serve", "serving_config", "set_thread_count", "tune_scoring_server"]
+__all__ = ["SETTINGS", "RequestLimits", "ServedModel", "ServingError", "default_thread_count", "serve", "serving_config", "set_thread_count", "tune_scoring_server"]
 
 _logger = logging.getLogger(__name__)
 
@@ -35,13 +36,84 @@ _SERVER_MODEL_PATH = "__pyfunc_model_path__"
 _SERVING_ENVIRONMENT = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 
 
-class ServedModel:
-    """The pyfunc face of a FullModel: bad requests become HTTP 400 with a message, not a trace."""
+class ServingError(MlflowException):
+    """The error a request gets: HTTP 400 for the request's fault, 500 for the model's, with a JSON
+    body holding this message and nothing else.
 
-    def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None, output_columns: list[str]) -> None:
+    MLflow's scoring server rewrites an MlflowException's message to start with the whole request
+    (``Failed to predict data '...'``), which echoes any body back, however large; this message
+    cannot be rewritten.
+    """
+
+    def __init__(self, message: str, error_code: int) -> None:
+        super().__init__(message, error_code=error_code)
+        self._kept_message = message
+
+    @property  # type: ignore[override]
+    def message(self) -> str:
+        return self.__dict__.get("_kept_message", "")
+
+    @message.setter
+    def message(self, value: str) -> None:
+        pass  # keep ours
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may hold, so that a server with default settings stays safe: rows, characters
+    per text, bytes per binary value (an encoded image; base64 text counts as the bytes it decodes
+    to). Image steps add their own limits on pixels, before and after resizing (``max_pixels``)."""
+
+    max_rows: int
+    max_text_chars: int
+    max_bytes: int
+    binary_columns: frozenset[str] = frozenset()
+
+    def check(self, data: Any) -> None:
+        """Raise ``InputError`` naming the limit, the value and how to raise it."""
+        rows = len(data) if isinstance(data, (pd.DataFrame, list, tuple)) else None
+        if rows is not None and rows > self.max_rows:
+            raise InputError(_over("max_rows", self.max_rows, f"the request has {rows} rows", "send fewer rows per request"))
+        if not isinstance(data, pd.DataFrame):
+            return
+        for column, series in data.items():
+            if series.dtype.kind not in "OSU" and str(series.dtype) not in ("str", "string"):
+                continue
+            binary = column in self.binary_columns
+            for row, value in enumerate(series.tolist()):
+                if isinstance(value, (bytes, bytearray)):
+                    size = len(value)
+                elif isinstance(value, str) and binary:
+                    size = len(value) * 3 // 4  # base64 text: the bytes it decodes to
+                elif isinstance(value, str):
+                    if len(value) > self.max_text_chars:
+                        raise InputError(_over("max_text_chars", self.max_text_chars,
+                                               f"row {row}, column '{column}' has {len(value)} characters",
+                                               "send shorter texts"))
+                    continue
+                else:
+                    continue
+                if size > self.max_bytes:
+                    raise InputError(_over("max_bytes", self.max_bytes, f"row {row}, column '{column}' holds {size} bytes",
+                                           "send smaller files"))
+
+
+def _over(setting: str, limit: int, what: str, fix: str) -> str:
+    variable = _SERVING_DEFAULTS[setting][0]
+    return (f"{what}, over the limit {setting}={limit}; {fix}, or raise the limit (pyfunc model_config "
+            f"'{setting}' or the environment variable {variable} of the server).")
+
+
+class ServedModel:
+    """The pyfunc face of a FullModel: a request over a limit or with bad input is HTTP 400, a
+    model error 500, each with a JSON message and no trace."""
+
+    def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None, output_columns: list[str],
+                 limits: RequestLimits) -> None:
         self.fullmodel = fullmodel
         self.batcher = batcher
         self.output_columns = output_columns  # from the signature: a request whose rows all failed has them too
+        self.limits = limits
 
     def get_raw_model(self) -> FullModel:
         return self.fullmodel
@@ -49,9 +121,16 @@ class ServedModel:
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
         runner = self.batcher if self.batcher is not None else self.fullmodel
         try:
+            self.limits.check(data)
             records = runner.predict_records(data, params=params)
         except (InputError, ParamError) as error:
-            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+            raise ServingError(str(error), INVALID_PARAMETER_VALUE) from None
+        except ModelError as error:
+            _logger.error("Model error in %s", error.step, exc_info=error)
+            raise ServingError(f"Model error (not caused by the request) in {error.step}: {error}", INTERNAL_ERROR) from None
+        except Exception as error:  # a bug of the model's own: its traceback goes to the log only
+            _logger.error("Model error", exc_info=error)
+            raise ServingError(f"Model error (not caused by the request): {brief(error)}", INTERNAL_ERROR) from None
         if records and list(records[0]) == [ERROR_COLUMN] and self.output_columns:
             records = [{**dict.fromkeys(self.output_columns), **record} for record in records]
         # The scoring server turns a DataFrame into exactly these records again; hand them over
@@ -75,6 +154,10 @@ _SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
     "num_threads": ("MLFLOW_FULLMODEL_NUM_THREADS", None, int),
     # Process-wide settings for a scoring server's own process (see tune_scoring_server).
     "tune_server": ("MLFLOW_FULLMODEL_TUNE_SERVER", True, bool),
+    # Limits on one request, checked before any work (see RequestLimits).
+    "max_rows": ("MLFLOW_FULLMODEL_MAX_ROWS", 10_000, int),
+    "max_text_chars": ("MLFLOW_FULLMODEL_MAX_TEXT_CHARS", 100_000, int),
+    "max_bytes": ("MLFLOW_FULLMODEL_MAX_BYTES", 16 * 1024 * 1024, int),
 }
 
 
@@ -177,7 +260,8 @@ def set_thread_count(config: Mapping[str, Any]) -> None:
         torch.set_num_threads(threads)
 
 
-def serve(fullmodel: FullModel, config: Mapping[str, Any], output_columns: list[str]) -> ServedModel:
+def serve(fullmodel: FullModel, config: Mapping[str, Any], output_columns: list[str],
+          binary_columns: frozenset[str] = frozenset()) -> ServedModel:
     """The pyfunc wrapper of a loaded model, with micro-batching as configured, the scoring
     server's process tuned last (it freezes what loading created)."""
     batching = config["batching"]
@@ -189,4 +273,5 @@ def serve(fullmodel: FullModel, config: Mapping[str, Any], output_columns: list[
                                max_wait_ms=config["max_wait_ms"])
     if config["tune_server"]:
         tune_scoring_server()
-    return ServedModel(fullmodel, batcher, output_columns)
+    limits = RequestLimits(config["max_rows"], config["max_text_chars"], config["max_bytes"], binary_columns)
+    return ServedModel(fullmodel, batcher, output_columns, limits)

@@ -132,7 +132,8 @@ def test_each_version_holds_its_own_steps_and_the_training_splits_statistics(tra
     }
     assert specs["center"]["forward"]["target"].endswith(":CallModule")
     assert specs["tta"]["forward"]["target"].endswith(":AverageOverSamples")
-    assert sorted(specs["center"]["params"]) == ["k"] and sorted(specs["tta"]["params"]) == ["k", "seed", "tta"]
+    assert sorted(specs["center"]["params"]) == ["k", "on_error"]
+    assert sorted(specs["tta"]["params"]) == ["k", "on_error", "seed", "tta"]
     # Both normalise with the statistics computed on the training split, as logged with the run.
     for variant, spec in specs.items():
         normalize = spec["preprocess"][-1]["config"]
@@ -150,7 +151,7 @@ def test_the_two_versions_answer_the_same_pngs_each_with_its_own_preprocessing(m
     assert accuracy(center, LABELS) > 0.6 and accuracy(tta, LABELS) > 0.6
     assert center["top_probabilities"].tolist() != tta["top_probabilities"].tolist()
     # Only the tta version has the parameters of its random crops.
-    with pytest.raises(fm.ParamError, match=r"Unknown parameter\(s\) \['seed'\]. Valid parameters are: \['k'\]"):
+    with pytest.raises(fm.ParamError, match=r"Unknown parameter\(s\) \['seed'\]. Valid parameters are: \['k', 'on_error'\]"):
         models["center"].predict(PNGS[:1], params={"seed": 1})
 
 

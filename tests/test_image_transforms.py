@@ -188,6 +188,14 @@ class TestResize:
     def test_the_output_size_follows_the_shorter_side_rule_or_the_exact_size(self, size, before, after):
         assert Resize(size)(Image.new("RGB", before)).size == after
 
+    def test_an_aspect_ratio_bomb_is_refused_before_the_large_image_is_made(self):
+        # 262144 x 1 passes a decoder's pixel limit; the shorter side to 32 would make 8388608 x 32.
+        thin = DecodeImage(mode="L")(encode(np.zeros((1, 262_144), dtype=np.uint8)))
+        with pytest.raises(fm.InputError, match=r"resizing the 262144x1 image to size=32 would make it 8388608x32 "
+                                                r"\(268435456 pixels\), over the limit of max_pixels=16777216"):
+            Resize(32)(thin)
+        assert Resize([28, 28])(thin).size == (28, 28)  # an exact size is as small as it says
+
     def test_nearest_upscaling_by_two_repeats_every_pixel_twice(self):
         image = Resize([60, 80], interpolation="nearest")(IMAGE)
         np.testing.assert_array_equal(np.asarray(image), PIXELS.repeat(2, axis=0).repeat(2, axis=1))

@@ -110,9 +110,16 @@ def test_a_null_value_is_an_error_naming_row_and_column(text_model):
         text_model.predict(["fine", None])
 
 
-def test_a_row_a_step_rejects_is_an_error_naming_the_row_and_the_step(text_model):
-    with pytest.raises(fm.InputError, match=r"Row 2: preprocess\[0\] Normalize failed: AttributeError"):
+def test_a_row_a_step_rejects_is_an_input_error_naming_the_row_and_the_step(text_model):
+    with pytest.raises(fm.InputError, match=r"Row 2: preprocess\[1\] SentencePieceEncode: the text has no tokens"):
+        text_model.predict(["fine", "good", "  "])
+
+
+def test_a_step_that_breaks_on_a_row_is_a_model_error_naming_the_step_not_an_input_error(text_model):
+    # Normalize calls str.lower without checking its input: an AttributeError is the step's fault.
+    with pytest.raises(fm.ModelError, match=r"Row 2: preprocess\[0\] Normalize failed: AttributeError") as caught:
         text_model.predict(["fine", "good", 42])
+    assert not isinstance(caught.value, fm.InputError) and caught.value.step == "preprocess[0] Normalize"
 
 
 def test_a_plain_nn_module_is_refused_with_the_fix(scripted_net):

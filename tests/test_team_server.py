@@ -39,7 +39,8 @@ def team(tracking_server, tmp_path_factory):
     result = subprocess.run(
         [sys.executable, str(TRAIN), "--tiny", "--registered-model-name", NAME, "--alias", "challenger",
          "--tracking-uri", tracking_server.url],
-        cwd=workdir, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=""),
+        cwd=workdir, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH="", MLFLOW_REGISTRY_URI=tracking_server.url),
     )
     assert result.returncode == 0, result.stderr[-4000:]
     with tracking_uri(tracking_server.url, experiment="text-classifier"):

@@ -186,6 +186,9 @@ class Resize(Transform):
             to exactly that.
         interpolation: ``"nearest"``, ``"box"``, ``"bilinear"``, ``"hamming"``, ``"bicubic"`` or
             ``"lanczos"``. Pillow filters over the whole source area when shrinking (antialiasing).
+        max_pixels: The largest result (width x height) made; a larger one is an ``InputError``,
+            raised before it exists. With an int ``size`` an extreme aspect ratio (a 262144 x 1
+            image) would otherwise become gigabytes.
 
     Example::
 
@@ -195,8 +198,10 @@ class Resize(Transform):
 
     requirements = ("pillow",)
 
-    def __init__(self, size: int | list[int], interpolation: str = "bilinear") -> None:
+    def __init__(self, size: int | list[int], interpolation: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         _check_size("Resize", size)
+        if not _is_int(max_pixels) or max_pixels < 1:
+            raise ConfigError(f"Resize: max_pixels must be a positive int, got {max_pixels!r}.")
         if interpolation not in _INTERPOLATIONS:
             raise ConfigError(
                 f"Resize: interpolation must be one of {list(_INTERPOLATIONS)}, got {interpolation!r}."
@@ -215,6 +220,12 @@ class Resize(Transform):
             new_height, new_width = self.size
         if (new_width, new_height) == (width, height):
             return image
+        if new_width * new_height > self.max_pixels:
+            raise InputError(
+                f"resizing the {width}x{height} image to size={self.size!r} would make it {new_width}x{new_height} "
+                f"({new_width * new_height} pixels), over the limit of max_pixels={self.max_pixels}; send an "
+                "image of a less extreme aspect ratio."
+            )
         resample = getattr(Image.Resampling, self.interpolation.upper())
         return image.resize((new_width, new_height), resample=resample)
 
