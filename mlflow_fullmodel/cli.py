@@ -57,6 +57,29 @@ def verify(model_uri: str, public_key: str | None, fresh_env: bool) -> None:
                "It reproduces its golden example in a clean process.")
 
 
+@main.command(name="serve")
+@click.argument("model_uri")
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", "-p", default=5000, show_default=True, type=int)
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
+              help="Serve only a model signed with the private half of this PEM public key.")
+@click.option("--max-body-bytes", default=64 * 1024 * 1024, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-json-depth", default=32, show_default=True, type=click.IntRange(min=1))
+def serve_command(model_uri: str, host: str, port: int, public_key: str | None, max_body_bytes: int,
+                  max_json_depth: int) -> None:
+    """Verify a model, then serve it as `mlflow models serve` does (same payloads, same answers),
+    with bad requests refused cleanly: a missing Content-Type, a body or JSON nesting over the
+    limits, unknown params; every error a JSON body without trace, path or echo of the request."""
+    from mlflow_fullmodel.hardened import serve_verified
+    from mlflow_fullmodel.verification import verify_model
+
+    with _errors_as_messages():
+        report = verify_model(model_uri, public_key=public_key)
+    click.echo(f"Verified {model_uri} ({report.digest}; {', '.join(report.checks)}); serving on http://{host}:{port}",
+               err=True)
+    serve_verified(report.local_path, host, port, max_body_bytes, max_json_depth)
+
+
 @main.command()
 @click.argument("model_uri")
 @click.option("--key", "private_key", required=True, type=click.Path(exists=True, dir_okay=False),

@@ -34,6 +34,7 @@ class Verification:
     model_uri: str
     digest: str
     record: Record | None
+    local_path: str  # the downloaded copy that was checked
     checks: list[str] = field(default_factory=list)
 
 
@@ -81,7 +82,7 @@ def verify_model(
     path = download_model(model_uri)
     record = recorded_digest(model_uri)
     actual = Manifest.of_folder(path, skip_bytecode=False)
-    report = Verification(model_uri, actual.digest, record)
+    report = Verification(model_uri, actual.digest, record, path)
     if record is not None:
         _check_record(model_uri, record, actual)
         report.checks.append(f"digest recorded in {record.source}")

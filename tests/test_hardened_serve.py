@@ -1,0 +1,119 @@
+"""`mlflow-fullmodel serve`: the model verified, then MLflow's scoring app behind a guard. Every kind
+of bad request gets a 4xx JSON body naming the problem, without trace, path or echo; good ones get
+the answers `mlflow models serve` gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import requests
+from conftest import EXAMPLE_TEXTS, free_port, server_log, start, stop, wait_for
+
+from mlflow_fullmodel.hardened import json_depth, sanitized
+
+MAX_BODY = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def hardened_server(tracking, registered_reviews):
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    process = start([sys.executable, "-m", "mlflow_fullmodel.cli", "serve", "models:/reviews@champion",
+                     "--host", "127.0.0.1", "--port", str(port), "--max-body-bytes", str(MAX_BODY)], env)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(f"{url}/ping", process, "mlflow-fullmodel serve", seconds=180)
+    yield url, process
+    stop(process)
+
+
+def post(url: str, body: bytes | str, content_type: str | None = "application/json") -> requests.Response:
+    headers = {"Content-Type": content_type} if content_type else {}
+    data = body.encode() if isinstance(body, str) else body
+    return requests.post(f"{url}/invocations", data=data, headers=headers, timeout=60)
+
+
+def records(*texts) -> str:
+    return json.dumps({"dataframe_records": [{"text": t} for t in texts]})
+
+
+BAD = {
+    "no content type": (records("good"), None, 415, "no Content-Type header"),
+    "unknown content type": (records("good"), "text/plain", 415, None),
+    "JSON nested 10,000 deep": ("[" * 10_000 + "]" * 10_000, "application/json", 400, "nested 10000 levels deep"),
+    "a 5,000-digit integer": ('{"inputs": [' + "9" * 5_000 + "]}", "application/json", 400, "not valid JSON"),
+    "body over the cap": (json.dumps({"inputs": ["good " * 300_000]}), "application/json", 413, "over 1000000 bytes"),
+    "unknown param": (json.dumps({"inputs": ["good"], "params": {"temperature": 0.5}}), "application/json", 400,
+                      "Unknown parameter(s) ['temperature']. Valid parameters are: ['k', 'on_error']."),
+    "misspelled param": (json.dumps({"inputs": ["good"], "params": {"K": 3}}), "application/json", 400,
+                         "Unknown parameter(s) ['K']"),
+    "params not an object": (json.dumps({"inputs": ["good"], "params": [1]}), "application/json", 400,
+                             '"params" must be an object'),
+    "invalid JSON": ("{not json", "application/json", 400, "not valid JSON"),
+    "invalid UTF-8": (b'{"inputs": ["\xff\xfe"]}', "application/json", 400, None),
+    "garbage parquet": (b"PAR1 garbage garbage", "application/vnd.apache.parquet", 400, None),
+    "CSV with bad quoting": ('text\n"unterminated', "text/csv", 400, None),
+    "empty text": (records(""), "application/json", 400, "Row 0: preprocess[1] SentencePieceEncode: the text has no tokens"),
+    "null text": (records(None), "application/json", 400, "Row 0, column 'text': value is missing (null)."),
+    "NaN text": ('{"dataframe_records": [{"text": NaN}]}', "application/json", 400, None),
+    "k out of bounds": (json.dumps({"inputs": ["good"], "params": {"k": 7}}), "application/json", 400,
+                        "Parameter 'k' must be <= 2, got 7."),
+    "text over max_text_chars": (records("great " * 20_000), "application/json", 400,
+                                 "over the limit max_text_chars=100000"),
+    "missing column": (json.dumps({"dataframe_records": [{"review": "good"}]}), "application/json", 400, None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, content_type, status, message", BAD.values(), ids=BAD.keys())
+def test_every_kind_of_bad_request_gets_a_clean_4xx_and_the_server_keeps_serving(hardened_server, body, content_type,
+                                                                                 status, message):
+    url, process = hardened_server
+    response = post(url, body, content_type)
+    assert response.status_code == status, response.text[:500]
+    error = response.json()
+    assert set(error) == {"error_code", "message"}
+    assert "Traceback" not in error["message"] and "site-packages" not in error["message"]
+    assert "Failed to predict data" not in error["message"] and len(response.content) < 3_000
+    if message is not None:
+        assert message in error["message"]
+    assert process.poll() is None, server_log(process)
+    assert post(url, records(*EXAMPLE_TEXTS)).status_code == 200
+
+
+@pytest.mark.slow
+def test_good_requests_get_the_answers_of_mlflow_models_serve(hardened_server, champion_server):
+    url, _ = hardened_server
+    for body in (records(*EXAMPLE_TEXTS), json.dumps({"inputs": EXAMPLE_TEXTS, "params": {"k": 2}}),
+                 json.dumps({"instances": EXAMPLE_TEXTS, "params": {"on_error": "return"}})):
+        ours, theirs = post(url, body), post(champion_server, body)
+        assert ours.status_code == theirs.status_code == 200
+        assert ours.json() == theirs.json()
+    csv = "text\n" + "\n".join(f'"{t}"' for t in EXAMPLE_TEXTS)
+    assert post(url, csv, "text/csv").json() == post(champion_server, csv, "text/csv").json()
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_model_that_fails_verification(tracking, tmp_path):
+    import subprocess
+
+    (tmp_path / "not-a-model").mkdir()
+    result = subprocess.run([sys.executable, "-m", "mlflow_fullmodel.cli", "serve", str(tmp_path / "not-a-model")],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, MLFLOW_TRACKING_URI=tracking))
+    assert result.returncode == 1 and result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("body, depth", [(b"[]", 1), (b'{"a": [[1], {"b": "[[[["}]}', 3), (b'"[\\"[["', 0),
+                                         (b"[" * 50 + b"]" * 50, 50)])
+def test_json_depth_counts_brackets_outside_strings(body, depth):
+    assert json_depth(body) == depth
+
+
+def test_sanitized_messages_lose_the_echo_and_the_paths():
+    message = ("Failed to predict data '      text\n0  huge'. \nError: Row 0: bad in "
+               "/usr/lib/python3/site-packages/x.py and /tmp/a/b")
+    assert sanitized(message) == "Row 0: bad in <path> and <path>"
+    assert sanitized("x" * 5000).endswith("... (cut)") and len(sanitized("x" * 5000)) < 2100
