@@ -27,6 +27,7 @@ from mlflow_fullmodel.collate import Batch, PadCollate
 from mlflow_fullmodel.exceptions import (
     CodeCaptureError,
     ConfigError,
+    DeadlineError,
     DeviceError,
     FullModelError,
     InputError,
@@ -54,6 +55,7 @@ __all__ = [
     "CallModule",
     "CodeCaptureError",
     "ConfigError",
+    "DeadlineError",
     "DeviceError",
     "ForwardStrategy",
     "FullModel",

@@ -32,6 +32,10 @@ class ModelError(FullModelError):
         self.step = step
 
 
+class DeadlineError(FullModelError):
+    """A call's work went on past its deadline and was stopped between steps or batches."""
+
+
 class CodeCaptureError(FullModelError):
     """The source code of a stage could not be captured into the saved model."""
 

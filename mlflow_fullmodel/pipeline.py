@@ -7,6 +7,7 @@ second copy of the processing code to keep in sync.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -16,7 +17,7 @@ import pandas as pd
 import torch
 
 from mlflow_fullmodel.collate import Batch, PadCollate, example_length, length_buckets, to_device, uncollate
-from mlflow_fullmodel.exceptions import ConfigError, FullModelError, InputError, ModelError, ParamError
+from mlflow_fullmodel.exceptions import ConfigError, DeadlineError, FullModelError, InputError, ModelError, ParamError
 from mlflow_fullmodel.forward import CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import ModuleSet, resolve_device
 from mlflow_fullmodel.transform import Configurable, Param, Transform
@@ -192,13 +193,15 @@ class FullModel:
         *,
         forward_examples: ForwardExamples | None = None,
         preprocessing: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        deadline: float | None = None,
     ) -> list[dict[str, Any]]:
         """``predict``, with the answers as one dict of plain Python values per row: what a JSON
         response holds, without building a DataFrame.
 
         ``forward_examples`` replaces the forward round (``FullModel.forward_examples``), and
         ``preprocessing`` is entered around pre-processing: the two places where a server's
-        micro-batcher joins the data path.
+        micro-batcher joins the data path. ``deadline`` (a ``time.monotonic()`` value) stops the
+        work between steps and batches with a ``DeadlineError`` once it has passed.
         """
         values = self.resolve_params(params)
         errors: dict[int, str] | None = {} if values[ON_ERROR] == "return" else None
@@ -206,17 +209,19 @@ class FullModel:
         ids = [i for i in range(len(rows)) if errors is None or i not in errors]
         examples = [rows[i] for i in ids]
         with preprocessing():
-            ids, examples = _run_steps("preprocess", self.preprocess_steps, ids, examples, values, errors)
-        ids, outputs = self._forward_rows(ids, examples, values, forward_examples or self.forward_examples, errors)
-        ids, answers = _run_steps("postprocess", self.postprocess_steps, ids, outputs, values, errors)
+            ids, examples = _run_steps("preprocess", self.preprocess_steps, ids, examples, values, errors, deadline)
+        forward = forward_examples or (lambda examples, params: self.forward_examples(examples, params, deadline))
+        ids, outputs = self._forward_rows(ids, examples, values, forward, errors)
+        ids, answers = _run_steps("postprocess", self.postprocess_steps, ids, outputs, values, errors, deadline)
         records = answer_records(answers)
         return records if errors is None else _with_errors(records, ids, errors, len(rows))
 
-    def forward_examples(self, examples: list[Any], params: Mapping[str, Any]) -> list[Any]:
+    def forward_examples(self, examples: list[Any], params: Mapping[str, Any], deadline: float | None = None) -> list[Any]:
         """Pre-processed examples to per-example outputs, in order: length-grouped batches, each
         collated, run through the forward strategy and split back into rows."""
         outputs: list[Any] = [None] * len(examples)
         for indices in self.plan_batches(examples):
+            _check_deadline(deadline, "forward")
             batch = self.collate([examples[i] for i in indices])
             for i, output in zip(indices, uncollate(self.forward(batch, params), len(indices))):
                 outputs[i] = output
@@ -228,6 +233,8 @@ class FullModel:
     ) -> tuple[list[int], list[Any]]:
         try:
             return ids, forward_examples(examples, params)
+        except DeadlineError:
+            raise
         except FullModelError:
             if errors is None:
                 raise
@@ -365,11 +372,17 @@ def apply_step(
 
 def _run_steps(
     stage: str, steps: list[Transform], ids: list[int], values: list[Any], params: Mapping[str, Any],
-    errors: dict[int, str] | None = None,
+    errors: dict[int, str] | None = None, deadline: float | None = None,
 ) -> tuple[list[int], list[Any]]:
     for index, step in enumerate(steps):
+        _check_deadline(deadline, f"{stage}[{index}]")
         ids, values = apply_step(step, f"{stage}[{index}]", ids, values, params, errors)
     return ids, values
+
+
+def _check_deadline(deadline: float | None, before: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineError(f"the request's work went past its deadline and was stopped before {before}")
 
 
 #: Exceptions a step raises about the value it was given: the input's fault. Anything else from a

@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,10 @@ from typing import Any
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from mlflow_fullmodel.batching import MicroBatcher
-from mlflow_fullmodel.exceptions import InputError, ModelError, ParamError
+from mlflow_fullmodel.exceptions import DeadlineError, InputError, ModelError, ParamError
 from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, brief, records_frame
 
 __all__ = ["SETTINGS", "RequestLimits", "ServedModel", "ServingError", "default_thread_count", "serve", "serving_config", "set_thread_count", "tune_scoring_server"]
@@ -109,22 +110,30 @@ class ServedModel:
     model error 500, each with a JSON message and no trace."""
 
     def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None, output_columns: list[str],
-                 limits: RequestLimits) -> None:
+                 limits: RequestLimits, deadline_s: float) -> None:
         self.fullmodel = fullmodel
         self.batcher = batcher
         self.output_columns = output_columns  # from the signature: a request whose rows all failed has them too
         self.limits = limits
+        self.deadline_s = deadline_s
 
     def get_raw_model(self) -> FullModel:
         return self.fullmodel
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
-        runner = self.batcher if self.batcher is not None else self.fullmodel
         try:
             self.limits.check(data)
-            records = runner.predict_records(data, params=params)
+            if self.batcher is not None:
+                records = self.batcher.predict_records(data, params=params)
+            else:
+                deadline = time.monotonic() + self.deadline_s
+                records = self.fullmodel.predict_records(data, params=params, deadline=deadline)
         except (InputError, ParamError) as error:
             raise ServingError(str(error), INVALID_PARAMETER_VALUE) from None
+        except DeadlineError as error:
+            raise ServingError(f"{error}: deadline_s={self.deadline_s}. Send fewer rows or lighter params per request, "
+                               "or raise it (pyfunc model_config 'deadline_s' or MLFLOW_FULLMODEL_DEADLINE_S).",
+                               DEADLINE_EXCEEDED) from None
         except ModelError as error:
             _logger.error("Model error in %s", error.step, exc_info=error)
             raise ServingError(f"Model error (not caused by the request) in {error.step}: {error}", INTERNAL_ERROR) from None
@@ -158,6 +167,8 @@ _SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
     "max_rows": ("MLFLOW_FULLMODEL_MAX_ROWS", 10_000, int),
     "max_text_chars": ("MLFLOW_FULLMODEL_MAX_TEXT_CHARS", 100_000, int),
     "max_bytes": ("MLFLOW_FULLMODEL_MAX_BYTES", 16 * 1024 * 1024, int),
+    # A little under the scoring server's own timeout (60 s), which answers 504 but lets the work run on.
+    "deadline_s": ("MLFLOW_FULLMODEL_DEADLINE_S", 55.0, float),
 }
 
 
@@ -274,4 +285,4 @@ def serve(fullmodel: FullModel, config: Mapping[str, Any], output_columns: list[
     if config["tune_server"]:
         tune_scoring_server()
     limits = RequestLimits(config["max_rows"], config["max_text_chars"], config["max_bytes"], binary_columns)
-    return ServedModel(fullmodel, batcher, output_columns, limits)
+    return ServedModel(fullmodel, batcher, output_columns, limits, config["deadline_s"])

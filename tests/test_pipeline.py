@@ -331,3 +331,53 @@ def test_a_step_may_not_declare_the_on_error_parameter(scripted_net):
 
     with pytest.raises(fm.ConfigError, match=r"preprocess\[0\] \(lenient\) declares the runtime parameter 'on_error'"):
         fm.FullModel(preprocess=[lenient(on_error=fm.Param("skip"))], module=scripted_net)
+
+
+# -- deadlines ------------------------------------------------------------------------------------
+
+CALLS: list[str] = []
+
+
+class Slow(fm.Transform):
+    """Takes its time over every row, and says when it ran."""
+
+    def __call__(self, text: str) -> str:
+        import time
+
+        time.sleep(0.05)
+        CALLS.append("slow")
+        return text
+
+
+class Seen(fm.Transform):
+    def __call__(self, answer):
+        CALLS.append("postprocess")
+        return answer
+
+
+def test_work_past_the_deadline_stops_between_steps_and_does_not_run_on(spm_path, scripted_net):
+    import time
+
+    model = fm.FullModel(preprocess=[Slow(), Normalize(), SentencePieceEncode(fm.Artifact(spm_path))],
+                         module=scripted_net, postprocess=[TopK(labels=LABELS), Seen()])
+    CALLS.clear()
+    with pytest.raises(fm.DeadlineError, match=r"went past its deadline and was stopped before preprocess\[1\]"):
+        model.predict_records(["good film"] * 4, deadline=time.monotonic() + 0.1)
+    assert CALLS == ["slow"] * 4  # nothing after the step that ran over
+    CALLS.clear()
+    assert len(model.predict_records(["good film"], deadline=time.monotonic() + 60)) == 1
+    assert CALLS == ["slow", "postprocess"]
+
+
+def test_a_served_request_past_its_deadline_is_a_504_naming_the_setting(tmp_path, spm_path, scripted_net):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model = fm.FullModel(preprocess=[Slow(), Normalize(), SentencePieceEncode(fm.Artifact(spm_path))],
+                         module=scripted_net, postprocess=[TopK(labels=LABELS)])
+    fm.save_model(model, str(tmp_path / "m"), input_example=["good film"])
+    served = mlflow.pyfunc.load_model(str(tmp_path / "m"), model_config={"deadline_s": 0.01})
+    with pytest.raises(MlflowException) as caught:
+        served.predict(pd.DataFrame({"text": ["good film"] * 3}))
+    assert caught.value.get_http_status_code() == 504
+    assert "deadline_s=0.01. Send fewer rows" in caught.value.message
