@@ -141,6 +141,14 @@ class FullModel:
             for name, (_, param) in self._param_owner.items()
         }
 
+    def samples_per_row(self, params: Mapping[str, Any] | None = None) -> int:
+        """How many samples the forward pass gets per row with these params (``Transform.samples``)."""
+        values = self.resolve_params(params)
+        count = 1
+        for step in self.preprocess_steps:
+            count *= step.samples(**_own(step, values))
+        return count
+
     def to(self, device: str | torch.device) -> FullModel:
         """A copy of this model that runs its forward pass on ``device``."""
         return FullModel(

@@ -68,13 +68,18 @@ class RequestLimits:
     max_rows: int
     max_text_chars: int
     max_bytes: int
+    max_samples: int
     binary_columns: frozenset[str] = frozenset()
 
-    def check(self, data: Any) -> None:
+    def check(self, data: Any, samples_per_row: int = 1) -> None:
         """Raise ``InputError`` naming the limit, the value and how to raise it."""
         rows = len(data) if isinstance(data, (pd.DataFrame, list, tuple)) else None
         if rows is not None and rows > self.max_rows:
             raise InputError(_over("max_rows", self.max_rows, f"the request has {rows} rows", "send fewer rows per request"))
+        if rows is not None and rows * samples_per_row > self.max_samples:
+            raise InputError(_over("max_samples", self.max_samples,
+                                   f"the request makes {rows} rows x {samples_per_row} samples = {rows * samples_per_row} "
+                                   "samples", "send fewer rows, or fewer samples per row (a smaller tta)"))
         if not isinstance(data, pd.DataFrame):
             return
         for column, series in data.items():
@@ -122,7 +127,7 @@ class ServedModel:
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
         try:
-            self.limits.check(data)
+            self.limits.check(data, self.fullmodel.samples_per_row(params))
             if self.batcher is not None:
                 records = self.batcher.predict_records(data, params=params)
             else:
@@ -167,6 +172,7 @@ _SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
     "max_rows": ("MLFLOW_FULLMODEL_MAX_ROWS", 10_000, int),
     "max_text_chars": ("MLFLOW_FULLMODEL_MAX_TEXT_CHARS", 100_000, int),
     "max_bytes": ("MLFLOW_FULLMODEL_MAX_BYTES", 16 * 1024 * 1024, int),
+    "max_samples": ("MLFLOW_FULLMODEL_MAX_SAMPLES", 20_000, int),
     # A little under the scoring server's own timeout (60 s), which answers 504 but lets the work run on.
     "deadline_s": ("MLFLOW_FULLMODEL_DEADLINE_S", 55.0, float),
 }
@@ -284,5 +290,6 @@ def serve(fullmodel: FullModel, config: Mapping[str, Any], output_columns: list[
                                max_wait_ms=config["max_wait_ms"])
     if config["tune_server"]:
         tune_scoring_server()
-    limits = RequestLimits(config["max_rows"], config["max_text_chars"], config["max_bytes"], binary_columns)
+    limits = RequestLimits(config["max_rows"], config["max_text_chars"], config["max_bytes"], config["max_samples"],
+                           binary_columns)
     return ServedModel(fullmodel, batcher, output_columns, limits, config["deadline_s"])

@@ -295,6 +295,11 @@ class Transform(Configurable):
     def __call__(self, x: Any, **params: Any) -> Any:
         raise NotImplementedError(f"{type(self).__qualname__} must implement __call__(self, x).")
 
+    def samples(self, **params: Any) -> int:
+        """How many samples this step makes of each example with these params (test-time
+        augmentation makes several); a served request's work is bounded by rows x samples."""
+        return 1
+
     def batch(self, xs: list[Any], **params: Any) -> list[Any]:
         """The transform applied to many examples; override where one vectorised call beats a
         loop. It must give what ``[self(x) for x in xs]`` gives. If it raises, FullModel falls

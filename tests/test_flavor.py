@@ -266,7 +266,7 @@ class TestServingConfig:
         config = serving_config({"max_batch_size": 16, "device": None})
         assert config == {"device": "cpu", "batching": False, "max_batch_size": 16, "max_wait_ms": 7.5,
                           "num_threads": None, "tune_server": True, "max_rows": 10_000, "max_text_chars": 100_000,
-                          "max_bytes": 16 * 1024 * 1024, "deadline_s": 55.0}
+                          "max_bytes": 16 * 1024 * 1024, "max_samples": 20_000, "deadline_s": 55.0}
         assert serving_config({"max_wait_ms": 1})["max_wait_ms"] == 1
 
     def test_a_value_that_does_not_parse_is_an_error_naming_the_variable(self, monkeypatch):

@@ -490,3 +490,15 @@ class TestAverageOverSamples:
         pngs = digit_pngs(6)
         for params in ({}, {"seed": 9, "tta": 3, "k": 2}):
             pd.testing.assert_frame_equal(loaded.predict(pngs, params), tta_model.predict(pngs, params), check_exact=True)
+
+
+def test_the_samples_a_request_makes_are_rows_times_tta_and_bounded_when_served(tta_model):
+    from mlflow_fullmodel.serving import RequestLimits
+
+    assert tta_model.samples_per_row() == 6 and tta_model.samples_per_row({"tta": 32}) == 32
+    limits = RequestLimits(max_rows=1000, max_text_chars=100, max_bytes=10**6, max_samples=100)
+    frame = pd.DataFrame({"image": [encode(PIXELS)] * 4})
+    limits.check(frame, tta_model.samples_per_row({"tta": 25}))  # 4 x 25 = 100: at the limit
+    with pytest.raises(fm.InputError, match=r"the request makes 4 rows x 26 samples = 104 samples, over the limit "
+                                            r"max_samples=100; send fewer rows, or fewer samples per row"):
+        limits.check(frame, tta_model.samples_per_row({"tta": 26}))

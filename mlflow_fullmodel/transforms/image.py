@@ -294,6 +294,9 @@ class RandomCrops(Transform):
         if not _is_int(seed_default):
             raise ConfigError(f"RandomCrops: seed must be an int (or a Param of one), got {seed!r}.")
 
+    def samples(self, **params: Any) -> int:
+        return int(self.resolved_config(params)["tta"])
+
     def __call__(self, image: torch.Tensor, **params: Any) -> torch.Tensor:
         config = self.resolved_config(params)
         tta, seed = config["tta"], config["seed"]
