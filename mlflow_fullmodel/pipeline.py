@@ -285,8 +285,10 @@ class FullModel:
         # Column-wise: the scoring server hands every request over as a DataFrame.
         columns = self.input_columns
         names = frame.columns.tolist()
-        if len(columns) == 1 and names != columns and len(names) == 1:
-            frame, names = frame.set_axis(columns, axis=1), columns  # an unnamed column, e.g. from a list
+        if len(columns) == 1 and len(names) == 1 and isinstance(frame.columns, pd.RangeIndex):
+            # A column without a name (a list of values made into a frame) is the input column; a
+            # column with another name is a mistake to report, not to rename.
+            frame, names = frame.set_axis(columns, axis=1), columns
         missing = [c for c in columns if c not in names]
         if missing:
             raise InputError(
@@ -436,11 +438,6 @@ def _with_errors(records: list[dict[str, Any]], ids: list[int], errors: dict[int
 
 
 def _records(data: Any, columns: list[str]) -> list[dict[str, Any]]:
-    if isinstance(data, pd.DataFrame):
-        if len(columns) == 1 and columns[0] not in data.columns and len(data.columns) == 1:
-            # An unnamed single column, e.g. a list of strings passed through a pandas conversion.
-            data = data.set_axis(columns, axis=1)
-        return data.to_dict(orient="records")
     if isinstance(data, pd.Series):
         return [{columns[0]: v} for v in data.tolist()] if len(columns) == 1 else data.tolist()
     if isinstance(data, np.ndarray):

@@ -255,7 +255,9 @@ class Configurable:
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.get_config() == self.get_config()
 
-    __hash__ = object.__hash__
+    # Equal steps (same class, same configuration) must not hash apart, and a configuration holds
+    # lists and dicts: a step is not hashable, like a Param.
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _same(value: Any, default: Any) -> bool:

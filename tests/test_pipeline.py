@@ -381,3 +381,17 @@ def test_a_served_request_past_its_deadline_is_a_504_naming_the_setting(tmp_path
         served.predict(pd.DataFrame({"text": ["good film"] * 3}))
     assert caught.value.get_http_status_code() == 504
     assert "deadline_s=0.01. Send fewer rows" in caught.value.message
+
+
+def test_only_an_unnamed_column_is_taken_as_the_input_column(text_model):
+    unnamed = pd.DataFrame(EXAMPLE_TEXTS)  # columns 0..n: what a list of values becomes
+    pd.testing.assert_frame_equal(text_model.predict(unnamed), text_model.predict(EXAMPLE_TEXTS))
+    with pytest.raises(fm.InputError, match=r"Missing column\(s\) \['text'\]; the model expects columns \['text'\], "
+                                            r"got \['review'\]"):
+        text_model.predict(pd.DataFrame({"review": EXAMPLE_TEXTS}))
+
+
+def test_equal_steps_are_not_hashable_so_they_cannot_hash_apart():
+    assert Normalize() == Normalize() and TopK(labels=LABELS) == TopK(labels=LABELS)
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(TopK(labels=LABELS))

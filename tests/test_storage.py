@@ -271,3 +271,26 @@ def test_a_param_saved_with_wrong_bounds_fails_the_parity_check_naming_the_param
     write_manifest(str(folder))
     with pytest.raises(fm.ParityError, match=r"with params \{'k': 2\}: ParamError: Parameter 'k' must be <= 1"):
         check_parity(str(folder))
+
+
+def test_an_import_of_the_captured_code_that_cannot_be_found_is_said_not_dropped(tmp_path, user_project, spm_path,
+                                                                                  scripted_net, caplog):
+    user_project("guarded", {"guarded_steps.py": """
+        import mlflow_fullmodel as fm
+
+        try:
+            import fast_tokenizer_that_is_not_installed
+        except ImportError:
+            fast_tokenizer_that_is_not_installed = None
+
+        class Plain(fm.Transform):
+            def __call__(self, text):
+                return text
+    """})
+    from guarded_steps import Plain
+
+    model = fm.FullModel(preprocess=[Plain(), SentencePieceEncode(fm.Artifact(spm_path))], module=scripted_net,
+                         postprocess=[TopK(labels=LABELS, k=fm.Param(1))])
+    with caplog.at_level("WARNING", logger="mlflow_fullmodel.storage.capture"):
+        saved(tmp_path, model)
+    assert "the module 'fast_tokenizer_that_is_not_installed' that the captured code imports cannot be found" in caplog.text

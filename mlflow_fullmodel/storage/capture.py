@@ -17,6 +17,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import linecache
+import logging
 import os
 import sys
 import sysconfig
@@ -32,6 +33,8 @@ __all__ = ["CodeCapture", "MAIN_MODULE", "RUNTIME_PACKAGE"]
 #: The module name under which ``__main__`` definitions are saved.
 MAIN_MODULE = "fullmodel_main"
 RUNTIME_PACKAGE = "mlflow_fullmodel"
+
+_logger = logging.getLogger(__name__)
 
 _LITERAL_TYPES = (bool, int, float, complex, str, bytes, type(None), tuple, list, dict, set, frozenset)
 
@@ -175,8 +178,10 @@ class CodeCapture:
     def _add_imported(self, module_name: str, label: str) -> None:
         try:
             self.add_module(module_name, label)
-        except (ImportError, ValueError):
-            pass  # an optional import the code guards itself; loading will tell if it is needed
+        except (ImportError, ValueError) as error:
+            # Often an optional import the code guards itself; if it is needed, loading will fail.
+            _logger.warning("%s: the module '%s' that the captured code imports cannot be found here (%s), so it "
+                            "is neither captured nor a requirement.", label, module_name, error)
 
     def _is_local(self, origin: str) -> bool:
         real = os.path.realpath(origin)
