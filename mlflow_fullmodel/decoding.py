@@ -36,7 +36,7 @@ from mlflow_fullmodel.collate import Batch
 from mlflow_fullmodel.exceptions import ConfigError, ParamError
 from mlflow_fullmodel.forward import ForwardStrategy
 from mlflow_fullmodel.modules import TORCHSCRIPT, ModuleSet
-from mlflow_fullmodel.transform import Param
+from mlflow_fullmodel.transform import Configurable, Param
 
 __all__ = ["BeamSearch", "Candidate", "GreedySearch"]
 
@@ -50,6 +50,14 @@ _ENTRY_POINT = re.compile(r"^[^.\s]+(\.[^.\s]+)?$")
 class _Decoding(ForwardStrategy):
     """What greedy and beam search share: checking the configuration, reaching the module's entry
     points, encoding the batch and turning the decoder's scores into masked log-probabilities."""
+
+    def check_collate(self, collate: Configurable) -> None:
+        # The source mask is built from the lengths with the real tokens first (right padding).
+        if getattr(collate, "pad_side", "right") != "right":
+            raise ConfigError(
+                f"{type(self).__name__} needs source batches padded on the right, but the collate step "
+                f"{collate!r} pads on the {collate.pad_side}; use PadCollate(pad_side='right')."  # type: ignore[attr-defined]
+            )
 
     def _check_config(self) -> None:
         name = type(self).__name__

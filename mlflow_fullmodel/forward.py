@@ -24,6 +24,10 @@ class ForwardStrategy(Configurable):
     def __call__(self, modules: ModuleSet, batch: Batch, device: torch.device, **params: Any) -> Any:
         raise NotImplementedError
 
+    def check_collate(self, collate: Configurable) -> None:
+        """Raise ``ConfigError`` if batches made by ``collate`` cannot work with this strategy;
+        called when a FullModel is built."""
+
 
 class CallModule(ForwardStrategy):
     """Call one module on the batch: ``module(x)``, ``module(*x)`` or ``module(**x)`` by the

@@ -86,6 +86,7 @@ class FullModel:
         self.modules = ModuleSet.of(module)
         self.forward_strategy = forward if forward is not None else CallModule()
         self.collate_fn = collate if collate is not None else PadCollate()
+        self.forward_strategy.check_collate(self.collate_fn)
         if isinstance(input_columns, str) or not input_columns:
             raise ConfigError(f"input_columns must be a non-empty list of names, got {input_columns!r}.")
         self.input_columns = list(input_columns)

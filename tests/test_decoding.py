@@ -344,6 +344,13 @@ class TestDecodingErrors:
     def model(self, scripted) -> fm.FullModel:
         return fm.FullModel(preprocess=[parse_ids()], module=scripted, forward=BeamSearch())
 
+    @pytest.mark.parametrize("strategy", [BeamSearch(), GreedySearch()], ids=["beam", "greedy"])
+    def test_left_padding_is_refused_when_the_model_is_built(self, scripted, strategy):
+        with pytest.raises(fm.ConfigError, match=r"needs source batches padded on the right, but the collate step "
+                                                 r"PadCollate\(pad_side='left'\) pads on the left"):
+            fm.FullModel(preprocess=[parse_ids()], module=scripted, forward=strategy,
+                         collate=fm.PadCollate(pad_side="left"))
+
     @pytest.mark.parametrize(
         "params, message",
         [
