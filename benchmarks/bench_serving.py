@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 from tqdm import tqdm
 
-from benchmarks.common import percentile, saved_models, table
+from benchmarks.common import group_pids, percentile, saved_models, table
 from benchmarks.models import texts
 
 CLIENTS = (1, 8, 32)
@@ -63,18 +63,14 @@ def stop_server(process: subprocess.Popen) -> None:
 
 def group_cpu_seconds(pgid: int) -> float:
     """User + system CPU time of every process in the server's process group."""
-    ticks = os.sysconf("SC_CLK_TCK")
     total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in group_pids(pgid):
         try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # field 5 of stat, after pid and comm
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def load(url: str, clients: int, per_client: int, bodies: list[bytes]) -> tuple[float, list[float]]:

@@ -66,3 +66,18 @@ def table(rows: list[list[object]], header: list[str]) -> str:
     lines.append("-|-".join("-" * w for w in widths))
     lines += [" | ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
+
+
+def group_pids(pgid: int) -> list[str]:
+    """The processes of the process group ``pgid`` (a server and its workers), from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat, after pid and comm
+            pids.append(entry)
+    return pids

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+
+from benchmarks.common import group_pids
 
 __all__ = ["LoadReport", "group_rss_bytes", "run_load"]
 
@@ -38,18 +39,12 @@ class LoadReport:
 def group_rss_bytes(pgid: int) -> int:
     """Resident memory of every process in the process group ``pgid`` (a server and its workers)."""
     total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in group_pids(pgid):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[2]) != pgid:
-                continue
-            for line in Path(f"/proc/{entry}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
             continue
+        total += sum(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
     return total
 
 
