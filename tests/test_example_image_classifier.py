@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import io
 import json
 import os
 import re
@@ -46,6 +47,14 @@ PNGS, LABELS = digits.load_pngs(40, seed=123)  # rendered like the training data
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def blank_png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 255).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def claimed_size_png(width: int, height: int) -> bytes:
@@ -228,6 +237,10 @@ BAD_IMAGES = {
     "base64 with stray characters": ("????AAAA", r"Row 1: preprocess\[0\] DecodeImage: the data \(3 bytes, starting b'.x00.x00.x00'\) is not an image"),
     "over max_pixels": (b64(claimed_size_png(3000, 2000)), r"Row 1: preprocess\[0\] DecodeImage: the image is 3000x2000 pixels \(6000000 pixels\), over the limit of max_pixels=4194304"),
     "decompression bomb": (b64(claimed_size_png(100_000, 100_000)), r"Row 1: preprocess\[0\] DecodeImage: the image is too large: .*max_pixels=4194304"),
+    "zero bytes": ("", r"Row 1: preprocess\[0\] DecodeImage: the data is empty, not an image"),
+    # 262,144 pixels pass DecodeImage's max_pixels; resized to the shorter side the model reads, millions wide.
+    "aspect-ratio bomb": (b64(blank_png(262_144, 1)), r"Row 1: preprocess\[1\] Resize: resizing the 262144x1 image .* "
+                                                      r"over the limit of max_pixels"),
     # MLflow decodes base64 for binary columns before the model is called, so this message is
     # MLflow's: it names the column, not the row.
     "invalid base64": ("not base64!", r"Failed to convert column image .*Invalid base64-encoded string"),
@@ -243,6 +256,14 @@ def test_a_bad_image_is_a_400_with_a_json_message_and_the_server_keeps_serving(s
     assert "Traceback" not in response.text and "stack_trace" not in body
     good = post(server, records(PNGS[:2]))
     assert good.status_code == 200 and len(good.json()["predictions"]) == 2
+
+
+def test_too_many_samples_in_one_request_is_a_400_naming_the_limit(server):
+    response = post(server, records(PNGS[:1] * 700, tta=32))
+    assert response.status_code == 400, response.text[:300]
+    assert response.json()["message"].startswith("the request makes 700 rows x 32 samples = 22400 samples, over the "
+                                                 "limit max_samples=20000")
+    assert post(server, records(PNGS[:2], tta=32)).status_code == 200
 
 
 def test_a_bad_sample_count_is_a_400_naming_the_parameter(server):
