@@ -144,9 +144,12 @@ class FullModel:
 
     def samples_per_row(self, params: Mapping[str, Any] | None = None) -> int:
         """How many samples the forward pass gets per row with these params (``Transform.samples``)."""
+        sampling = [step for step in self.preprocess_steps if type(step).samples is not Transform.samples]
+        if not sampling:  # most models: no params to resolve on a served request's path
+            return 1
         values = self.resolve_params(params)
         count = 1
-        for step in self.preprocess_steps:
+        for step in sampling:
             count *= step.samples(**_own(step, values))
         return count
 
