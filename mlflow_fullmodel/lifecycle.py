@@ -22,7 +22,7 @@ import mlflow_fullmodel
 from mlflow_fullmodel.exceptions import FullModelError
 from mlflow_fullmodel.flavor import flavor_configuration
 from mlflow_fullmodel.inspection import config_text, describe_model
-from mlflow_fullmodel.registry import recorded_digest
+from mlflow_fullmodel.registry import recorded_digest, registered_version
 from mlflow_fullmodel.verification import Verification, download_model, verify_model
 
 __all__ = ["VERIFICATION_TAG", "Promotion", "diff_models", "inspect_model", "promote"]
@@ -50,21 +50,10 @@ def inspect_model(model_uri: str) -> dict[str, Any]:
 
 
 def _verification_tags(model_uri: str) -> dict[str, str]:
-    version = _registered_version(model_uri)
+    version = registered_version(model_uri)
     if version is None:
         return {}
     return {k[len(VERIFICATION_TAG) + 1:]: v for k, v in version.tags.items() if k.startswith(VERIFICATION_TAG + ".")}
-
-
-def _registered_version(model_uri: str) -> Any:
-    if not model_uri.startswith("models:/"):
-        return None
-    reference = model_uri[len("models:/"):].strip("/")
-    client = MlflowClient()
-    if "@" in reference:
-        return client.get_model_version_by_alias(*reference.split("@", 1))
-    name, _, number = reference.partition("/")
-    return client.get_model_version(name, number) if number.isdigit() else None
 
 
 # -- diff ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_fullmodel.storage.integrity import Manifest
 
-__all__ = ["DIGEST_TAG", "MANIFEST_TAG", "Record", "record_digest", "recorded_digest"]
+__all__ = ["DIGEST_TAG", "MANIFEST_TAG", "Record", "record_digest", "recorded_digest", "registered_version"]
 
 _logger = logging.getLogger(__name__)
 
@@ -78,17 +78,10 @@ def recorded_digest(model_uri: str) -> Record | None:
     """
     client = MlflowClient()
     if model_uri.startswith("models:/"):
-        reference = model_uri[len("models:/"):].strip("/")
-        if "@" in reference:
-            name, alias = reference.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        elif "/" in reference:
-            name, number = reference.split("/", 1)
-            if not number.isdigit():
-                return None  # a stage ("Production"): deprecated by MLflow, resolved by its download
-            version = client.get_model_version(name, number)
-        else:
-            return _logged_model_record(client, reference)
+        version = registered_version(model_uri)
+        if version is None:
+            reference = model_uri[len("models:/"):].strip("/")
+            return None if "/" in reference else _logged_model_record(client, reference)
         where = f"model version {version.name}/{version.version}"
         if DIGEST_TAG in version.tags:
             manifest_text = version.tags.get(MANIFEST_TAG)
@@ -108,6 +101,20 @@ def recorded_digest(model_uri: str) -> Record | None:
         run_id, _, name = model_uri[len("runs:/"):].strip("/").partition("/")
         return _run_record(client, run_id, name)
     return None
+
+
+def registered_version(model_uri: str) -> Any:
+    """The model version a ``models:/name/version`` or ``models:/name@alias`` URI names, or None
+    for any other URI (a logged model's ``models:/<model_id>``, a stage, a run, a path)."""
+    if not model_uri.startswith("models:/"):
+        return None
+    reference = model_uri[len("models:/"):].strip("/")
+    client = MlflowClient()
+    if "@" in reference:
+        return client.get_model_version_by_alias(*reference.split("@", 1))
+    name, _, number = reference.partition("/")
+    # No number: a logged model's id; a word: a stage ("Production"), deprecated, left to MLflow.
+    return client.get_model_version(name, number) if number.isdigit() else None
 
 
 def _logged_model_record(client: MlflowClient, model_id: str) -> Record | None:
