@@ -261,6 +261,8 @@ class FullModel:
             try:
                 forward_examples([example], params)
                 kept.append((row, example))
+            except DeadlineError:
+                raise  # the request's deadline, not this row's fault
             except Exception as error:
                 errors[row] = f"Row {row}: forward {type(self.forward_strategy).__name__} failed: {brief(error)}"
         return [row for row, _ in kept], forward_examples([e for _, e in kept], params) if kept else []

@@ -395,3 +395,13 @@ def test_equal_steps_are_not_hashable_so_they_cannot_hash_apart():
     assert Normalize() == Normalize() and TopK(labels=LABELS) == TopK(labels=LABELS)
     with pytest.raises(TypeError, match="unhashable"):
         hash(TopK(labels=LABELS))
+
+
+def test_a_deadline_passed_while_rows_are_isolated_stops_the_request_instead_of_blaming_a_row(text_model):
+    def forward(examples, params):
+        if len(examples) > 1:
+            raise RuntimeError("one row of this batch is bad")
+        raise fm.DeadlineError("the request's work went past its deadline and was stopped before forward")
+
+    with pytest.raises(fm.DeadlineError, match="stopped before forward"):
+        text_model.predict_records(EXAMPLE_TEXTS, params={"on_error": "return"}, forward_examples=forward)
