@@ -175,7 +175,8 @@ class MicroBatcher:
     def _run_group(self, jobs: list[_Job]) -> None:
         items = [(job, index) for job in jobs for index in range(len(job.examples))]
         lengths = [example_length(job.examples[index]) for job, index in items]
-        for bucket in length_buckets(lengths, self.max_batch_size):
+        # The model's batch_size bounds batches too: a model saved with batch_size=1 is never batched.
+        for bucket in length_buckets(lengths, min(self.max_batch_size, self.model.batch_size)):
             self._run_batch([items[i] for i in bucket])
 
     def _run_batch(self, items: list[tuple[_Job, int]]) -> None:

@@ -17,17 +17,18 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
 
 from mlflow_fullmodel.exceptions import FullModelError, ParityError
-from mlflow_fullmodel.pipeline import FullModel
+from mlflow_fullmodel.collate import uncollate
+from mlflow_fullmodel.pipeline import FullModel, records_frame
 from mlflow_fullmodel.storage import load_fullmodel, read_golden
 
-__all__ = ["check_parity", "compare_outputs", "preprocess_digests"]
+__all__ = ["batch_invariance_problems", "check_parity", "compare_outputs", "preprocess_digests"]
 
 _logger = logging.getLogger(__name__)
 
@@ -93,9 +94,12 @@ def _digest(value: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def compare_outputs(expected: pd.DataFrame, actual: pd.DataFrame) -> list[str]:
+def compare_outputs(
+    expected: pd.DataFrame, actual: pd.DataFrame, names: tuple[str, str] = ("expected", "got")
+) -> list[str]:
     """Differences between two prediction frames: exact for strings and integers, ``REL_TOL`` /
-    ``ABS_TOL`` for floats. An empty list means they agree."""
+    ``ABS_TOL`` for floats. An empty list means they agree; ``names`` says which is which in the
+    messages."""
     if list(expected.columns) != list(actual.columns):
         return [f"output columns differ: expected {list(expected.columns)}, got {list(actual.columns)}"]
     if len(expected) != len(actual):
@@ -104,7 +108,7 @@ def compare_outputs(expected: pd.DataFrame, actual: pd.DataFrame) -> list[str]:
     for column in expected.columns:
         for row, (want, got) in enumerate(zip(expected[column].tolist(), actual[column].tolist())):
             if not _close(want, got):
-                problems.append(f"row {row}, column '{column}': expected {want!r}, got {got!r}")
+                problems.append(f"row {row}, column '{column}': {names[0]} {want!r}, {names[1]} {got!r}")
     return problems
 
 
@@ -124,6 +128,33 @@ def _close(want: Any, got: Any) -> bool:
     return type(want) is type(got) and want == got
 
 
+def batch_invariance_problems(model: FullModel, inputs: Sequence[Any], params: Mapping[str, Any] | None = None) -> list[str]:
+    """Where ``model`` answers a row differently alone and inside a batch; empty if nowhere.
+
+    Each row is answered on its own (a batch of one), then all rows together in reverse order in
+    batches as full as ``batch_size`` allows, padded to the longest row of each batch. A module
+    that reads its padding (a mean over the padded length, no mask) or its neighbours passes the
+    golden check row by row and still answers differently under load; this finds it. A model with
+    ``batch_size=1`` never batches and passes.
+    """
+    if model.batch_size == 1:
+        return []
+    expected = records_frame([model.predict_records([row], params)[0] for row in inputs])
+
+    def reversed_full_batches(examples: list[Any], values: Mapping[str, Any]) -> list[Any]:
+        order = list(range(len(examples)))[::-1]
+        outputs: list[Any] = [None] * len(examples)
+        for start in range(0, len(order), model.batch_size):
+            indices = order[start : start + model.batch_size]
+            batch = model.collate([examples[i] for i in indices])
+            for i, output in zip(indices, uncollate(model.forward(batch, values), len(indices))):
+                outputs[i] = output
+        return outputs
+
+    batched = records_frame(model.predict_records(list(inputs), params, forward_examples=reversed_full_batches))
+    return compare_outputs(expected, batched, names=("alone", "in a padded batch"))
+
+
 def _child_report(folder: str, expected_digests: list[list[str]] | None, root: str) -> dict[str, Any]:
     import mlflow_fullmodel
 
@@ -133,6 +164,7 @@ def _child_report(folder: str, expected_digests: list[list[str]] | None, root: s
         return {"error": "the model has no golden example to check"}
     report: dict[str, Any] = {"runtime": os.path.dirname(mlflow_fullmodel.__file__)}
     report["problems"] = compare_outputs(golden.outputs, model.predict(golden.inputs, golden.params))
+    report["batch_problems"] = batch_invariance_problems(model, golden.inputs, golden.params)
     for params, outputs in golden.variants:
         try:
             problems = compare_outputs(outputs, model.predict(golden.inputs, params))
@@ -173,8 +205,9 @@ def check_parity(
             by default.
 
     Raises:
-        ParityError: The model failed to load in the fresh process (``stage`` "import"), or its
-            outputs differ (``stage`` "outputs").
+        ParityError: The model failed to load in the fresh process (``stage`` "import"), its
+            outputs differ (``stage`` "outputs"), or a row's outputs change inside a padded batch
+            (``stage`` "batch", see ``batch_invariance_problems``).
     """
     import mlflow_fullmodel
 
@@ -208,5 +241,14 @@ def check_parity(
             f"The saved model, reloaded in a clean process, does not reproduce the outputs of the "
             f"training process:\n  {shown}\nA pre-processing step may depend on state that is not "
             "saved (a global, a random generator without a seed, a file outside an Artifact)."
+        )
+    if report["batch_problems"]:
+        shown = "\n  ".join(report["batch_problems"][:10])
+        raise ParityError(
+            f"The model is batch-sensitive: a golden row answers differently alone and inside a padded batch of "
+            f"other rows:\n  {shown}\nThe module probably reads its padding (a mean or sum over the padded "
+            "length, attention without a mask): mask the padded positions with the batch's lengths. Or, if the "
+            "model must see one row at a time, set batch_size=1 explicitly on the FullModel.",
+            stage="batch",
         )
     _logger.info("Parity check passed for %s (runtime %s).", folder, report["runtime"])
