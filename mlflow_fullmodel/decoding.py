@@ -350,8 +350,9 @@ def _entry_point(
     if modules.formats[name] != TORCHSCRIPT:
         raise ConfigError(
             f"{owner}: {argument}={spec!r} names a method, but module '{name}' is a torch.export "
-            "program, which has one entry point. Export encode and decode_step as two programs, "
-            "pass module={'encoder': ..., 'decoder': ...} and encoder='encoder', decoder='decoder'."
+            "program (or a plain nn.Module, exported when saved), which has one entry point. Export encode "
+            "and decode_step as two modules, pass module={'encoder': ..., 'decoder': ...} and "
+            "encoder='encoder', decoder='decoder'."
         )
     function = getattr(run, method, None)
     if not callable(function):

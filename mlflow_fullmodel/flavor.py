@@ -65,7 +65,9 @@ from mlflow.utils.model_utils import (
 import mlflow_fullmodel
 from mlflow_fullmodel.card import CARD_FILE, PIPELINE_FILE, render_card, render_pipeline, summary
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, ModelFormatError
+from mlflow_fullmodel.export import export_eager_modules
 from mlflow_fullmodel.inspection import describe_model
+from mlflow_fullmodel.modules import EAGER
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.registry import record_digest
@@ -163,6 +165,14 @@ def save_model(
             "input_example=[...] (a few raw inputs), or check_parity=False to skip the check."
         )
     golden = make_golden(fullmodel, rows, example_params) if rows is not None else None
+    if EAGER in fullmodel.modules.formats.values():
+        if rows is None:
+            raise ConfigError(
+                "A plain nn.Module is exported with torch.export from the input_example; pass input_example=[...] "
+                "(a few raw inputs), or script (fm.script) or export the module yourself."
+            )
+        # Outputs of the module as given are the golden ones: the parity check compares the program.
+        fullmodel = export_eager_modules(fullmodel, rows, example_params)
 
     _validate_and_prepare_target_save_path(path)
     try:

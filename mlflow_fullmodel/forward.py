@@ -58,7 +58,8 @@ class CallModule(ForwardStrategy):
         if batch.lengths is not None and "lengths" in modules.arguments(self.module):
             kwargs["lengths"] = batch.lengths
         if kwargs and modules.formats[self.module] != "torchscript":
-            # Exported programs take their inputs positionally, in the traced order.
+            # Exported programs take their inputs positionally, in the traced order (and plain
+            # modules are exported so when saved).
             names = modules.arguments(self.module)
             args = args + tuple(kwargs[n] for n in names[len(args) :] if n in kwargs)
             kwargs = {}

@@ -1,13 +1,18 @@
 """The forward pass: TorchScript modules and ``torch.export`` programs behind one interface.
 
 TorchScript (``torch.jit.script`` / ``torch.jit.trace``) is the primary format; an
-``ExportedProgram`` from ``torch.export`` is its successor in current PyTorch. A ``ModuleSet`` holds
+``ExportedProgram`` from ``torch.export`` is its successor in current PyTorch. A plain
+``nn.Module`` runs as it is in memory and is exported when the model is saved (``export.py``). A
+``ModuleSet`` holds
 one or several named modules; a forward strategy reaches them by name (``modules["encode"]``) or,
 for TorchScript, by method (``modules.main.encode``).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import itertools
 import os
 import threading
 import warnings
@@ -20,7 +25,7 @@ import torch
 from mlflow_fullmodel.exceptions import ConfigError, DeviceError
 
 __all__ = [
-    "MAIN", "ModuleSet", "load_module", "method_names", "quiet_torch_jit", "resolve_device", "save_module", "script",
+    "EAGER", "MAIN", "ModuleSet", "load_module", "method_names", "quiet_torch_jit", "resolve_device", "save_module", "script",
 ]
 
 #: The name of the module when a FullModel is given a single one.
@@ -28,6 +33,8 @@ MAIN = "main"
 
 TORCHSCRIPT = "torchscript"
 TORCH_EXPORT = "torch.export"
+#: A plain ``nn.Module``: in memory only, exported with torch.export when the model is saved.
+EAGER = "nn.Module"
 _SUFFIXES = {TORCHSCRIPT: ".pt", TORCH_EXPORT: ".pt2"}
 
 
@@ -60,10 +67,11 @@ def module_format(module: Any) -> str:
         return TORCHSCRIPT
     if isinstance(module, torch.export.ExportedProgram):
         return TORCH_EXPORT
+    if isinstance(module, torch.nn.Module):
+        return EAGER
     raise ConfigError(
-        f"A module must be TorchScript (torch.jit.script or torch.jit.trace) or a torch.export "
-        f"ExportedProgram, got {type(module).__name__}. A plain nn.Module carries Python code that "
-        "cannot travel without pickle: script, trace or export it first."
+        f"A module must be a torch.nn.Module (exported with torch.export when the model is saved), "
+        f"TorchScript (fm.script) or a torch.export ExportedProgram, got {type(module).__name__}."
     )
 
 
@@ -71,6 +79,8 @@ def argument_names(module: Any) -> list[str]:
     """The names of the forward arguments, used to pass ``lengths`` only to modules that take it."""
     if isinstance(module, torch.export.ExportedProgram):
         return [spec.arg.name for spec in module.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+    if module_format(module) == EAGER:
+        return list(inspect.signature(module.forward).parameters)
     try:
         return [a.name for a in module.forward.schema.arguments][1:]  # drop self
     except (AttributeError, RuntimeError):
@@ -126,18 +136,24 @@ class ModuleSet(Mapping[str, Any]):
         return self._arguments[name]
 
     def runnable(self, name: str, device: torch.device) -> Callable[..., Any]:
-        """The module as a callable with its weights on ``device`` (built once per device)."""
+        """The module as a callable with its weights on ``device``, built once per device. A module
+        whose weights are elsewhere is copied there: the module as given never moves, so models
+        sharing it (``FullModel.to``) each keep their device."""
         key = (name, str(device))
         if key not in self._runnable:
             with self._lock:
                 if key not in self._runnable:
                     module = self[name]
-                    if isinstance(module, torch.export.ExportedProgram):
-                        # Exported programs are already in inference form; they have no eval().
-                        self._runnable[key] = module.module().to(device)
-                    else:
-                        self._runnable[key] = module.to(device).eval()
+                    # Exported programs are already in inference form; they have no eval().
+                    run = module.module() if isinstance(module, torch.export.ExportedProgram) else module.eval()
+                    if not _all_on(run, device):
+                        run = copy.deepcopy(run).to(device)
+                    self._runnable[key] = run
         return self._runnable[key]
+
+
+def _all_on(module: torch.nn.Module, device: torch.device) -> bool:
+    return all(tensor.device == device for tensor in itertools.chain(module.parameters(), module.buffers()))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -165,6 +181,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def save_module(module: Any, folder: str, name: str) -> tuple[str, str]:
     """Write ``module`` into ``folder``; return its file name and format."""
     kind = module_format(module)
+    if kind == EAGER:
+        raise ConfigError(
+            f"Module '{name}' is a plain nn.Module ({type(module).__name__}); fm.save_model and fm.log_model export "
+            "it from their input_example. Give one, or script (fm.script) or export (torch.export.export) it first."
+        )
     filename = name + _SUFFIXES[kind]
     path = os.path.join(folder, filename)
     if kind == TORCHSCRIPT:

@@ -50,7 +50,9 @@ class FullModel:
     Args:
         preprocess: Transforms applied in order to each raw input (one column's value, or a dict of
             the columns when ``input_columns`` names several).
-        module: A TorchScript module or a ``torch.export`` program, or a dict of them by name.
+        module: A TorchScript module (``fm.script(net)``), a ``torch.export`` program, or a plain
+            ``torch.nn.Module`` (run as it is, put in eval mode, and exported with torch.export
+            from the input example when saved); or a dict of them by name.
         postprocess: Transforms applied in order to each row's outputs; the last returns a dict of
             output columns (or one value, put in the column ``"prediction"``).
         forward: How a batch meets the module(s); default ``CallModule()``.

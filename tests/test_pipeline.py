@@ -122,9 +122,9 @@ def test_a_step_that_breaks_on_a_row_is_a_model_error_naming_the_step_not_an_inp
     assert not isinstance(caught.value, fm.InputError) and caught.value.step == "preprocess[0] Normalize"
 
 
-def test_a_plain_nn_module_is_refused_with_the_fix(scripted_net):
-    with pytest.raises(fm.ConfigError, match="script, trace or export it first"):
-        fm.FullModel(preprocess=[Normalize()], module=torch.nn.Linear(2, 2))
+def test_something_that_is_not_a_module_is_refused_naming_what_is_accepted(scripted_net):
+    with pytest.raises(fm.ConfigError, match=r"must be a torch.nn.Module .*TorchScript .*ExportedProgram, got function"):
+        fm.FullModel(preprocess=[Normalize()], module=lambda ids: ids)
 
 
 def test_a_transform_class_that_needs_no_arguments_may_be_given_uninstantiated(scripted_net):

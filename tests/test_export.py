@@ -1,0 +1,98 @@
+"""A plain nn.Module in a FullModel: run as it is in memory, exported with torch.export when saved,
+with dynamic batch and sequence dimensions; and modules that never move between devices."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from conftest import EXAMPLE_TEXTS
+from sample_steps import LABELS, BagOfIds
+
+import mlflow_fullmodel as fm
+from mlflow_fullmodel.modules import ModuleSet
+from mlflow_fullmodel.transforms import TopK
+
+
+def plain_model(text_model: fm.FullModel, net: torch.nn.Module | None = None) -> fm.FullModel:
+    torch.manual_seed(0)
+    return fm.FullModel(
+        preprocess=text_model.preprocess_steps,
+        module=net if net is not None else BagOfIds(vocab_size=64, classes=len(LABELS)),
+        postprocess=[TopK(labels=LABELS, k=len(LABELS))],
+        batch_size=4,
+    )
+
+
+class ThresholdBranch(torch.nn.Module):
+    """Python control flow on a tensor's value: torch.export cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(64, 2)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        scores = self.embedding(ids).sum(1)
+        if scores.sum() > 0:
+            return scores
+        return -scores
+
+
+def test_a_plain_module_predicts_in_memory_and_is_saved_as_one_exported_program(tmp_path, text_model):
+    model = plain_model(text_model)
+    assert model.modules.formats == {"main": "nn.Module"}
+    # One row in the input example: the program must still serve batches of every size.
+    fm.save_model(model, str(tmp_path / "model"), input_example=EXAMPLE_TEXTS[:1])
+    spec = json.loads((tmp_path / "model" / "fullmodel" / "fullmodel.json").read_text())
+    assert spec["modules"]["main"]["format"] == "torch.export"
+    assert (tmp_path / "model" / "fullmodel" / spec["modules"]["main"]["file"]).suffix == ".pt2"
+
+    loaded = fm.load_model(str(tmp_path / "model"))
+    assert loaded.modules.formats == {"main": "torch.export"}
+    texts = EXAMPLE_TEXTS + ["Superb!", "A long and dull and boring and tedious film, the plot lazy and the script worse"]
+    for rows in ([texts[0]], texts[:2], texts):
+        pd.testing.assert_frame_equal(loaded.predict(rows), model.predict(rows), rtol=1e-5)
+
+
+def test_a_module_torch_export_cannot_trace_is_named_with_the_construct_and_the_way_out(tmp_path, text_model):
+    with pytest.raises(fm.ConfigError) as caught:
+        fm.save_model(plain_model(text_model, ThresholdBranch()), str(tmp_path / "model"), input_example=EXAMPLE_TEXTS)
+    message = str(caught.value)
+    assert "torch.export could not export module 'main' (ThresholdBranch)" in message
+    assert "data-dependent" in message.lower()
+    assert "fm.script(net)" in message
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_plain_module_needs_an_input_example_to_be_exported(tmp_path, text_model):
+    with pytest.raises(fm.ConfigError, match="exported with torch.export from the input_example"):
+        fm.save_model(plain_model(text_model), str(tmp_path / "model"), check_parity=False)
+
+
+def test_runnable_copies_a_module_to_another_device_and_the_original_stays(text_model):
+    net = BagOfIds(vocab_size=64, classes=len(LABELS))
+    program = torch.export.export(net.eval(), (torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])))
+    modules = ModuleSet({"plain": net, "exported": program})
+    meta = torch.device("meta")
+    for name in modules:
+        on_meta = modules.runnable(name, meta)
+        assert {p.device for p in on_meta.parameters()} == {meta}
+    assert {p.device.type for p in net.parameters()} == {"cpu"}
+    assert {t.device.type for t in program.state_dict.values()} == {"cpu"}
+    # On the device the weights are on already: no copy.
+    assert modules.runnable("plain", torch.device("cpu")) is net
+
+
+def test_to_gives_a_model_whose_device_copy_leaves_the_original_answering(text_model):
+    model = plain_model(text_model)
+    expected = model.predict(EXAMPLE_TEXTS)
+    moved = model.to("cpu")
+    moved.modules.runnable("main", torch.device("meta"))  # what a CUDA device would do, without one
+    pd.testing.assert_frame_equal(model.predict(EXAMPLE_TEXTS), expected)
+    scripted = fm.script(BagOfIds(vocab_size=64, classes=len(LABELS)))
+    weights = [p.clone() for p in scripted.parameters()]
+    with pytest.raises(Exception):
+        ModuleSet({"main": scripted}).runnable("main", torch.device("meta"))  # TorchScript cannot go to meta
+    assert all(p.device.type == "cpu" and torch.equal(p, w) for p, w in zip(scripted.parameters(), weights))
