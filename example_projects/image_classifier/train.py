@@ -128,6 +128,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--validation-fraction must be between 0 and 1")
     if args.registered_model_name and args.alias == args.challenger_alias:
         parser.error("--alias and --challenger-alias must differ")
+    if args.preprocessing == "torchvision":
+        try:
+            import tv_processing  # noqa: F401
+        except Exception as error:  # a torchvision built for another torch raises RuntimeError
+            parser.error(f"--preprocessing torchvision needs torchvision, the release built for torch "
+                         f"{torch.__version__} (pip install torchvision): {type(error).__name__}: {error}")
     return args
 
 
