@@ -10,7 +10,10 @@ grayscale and resize them; they differ in how they crop, in training and at infe
   with the class probabilities averaged over the crops (test-time augmentation).
 
 Both normalise with the mean and standard deviation of the training split's pixels, computed here
-and saved in each model as ``NormalizeImage`` arguments. Each logged model holds its whole data path,
+and saved in each model as ``NormalizeImage`` arguments. ``--preprocessing torchvision`` builds the
+same data path from this project's own steps over ``torchvision.transforms.v2.functional``
+(``tv_processing.py``, saved with the model as code), keeping mlflow_fullmodel's ``DecodeImage``
+and ``RandomCrops``. Each logged model holds its whole data path,
 so the registry's two versions answer the same PNG each with its own pre-processing. The ``tta``
 version gets the alias ``champion``, the ``center`` version ``challenger``::
 
@@ -52,6 +55,8 @@ from network import DigitCNN
 _logger = logging.getLogger("image_classifier")
 
 VARIANTS = ("center", "tta")
+#: --preprocessing: mlflow_fullmodel's image steps, or this project's over torchvision (tv_processing.py).
+PREPROCESSINGS = ("builtin", "torchvision")
 
 #: Option values for --tiny: a run of a few seconds, for tests.
 TINY = {"num_examples": 600, "epochs": 8, "batch_size": 32}
@@ -70,6 +75,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--validation-fraction", type=float, default=0.2,
                       help="share of the data held out for validation (default: %(default)s)")
     model = parser.add_argument_group("pre-processing, model and training")
+    model.add_argument("--preprocessing", choices=PREPROCESSINGS, default="builtin",
+                       help="builtin: mlflow_fullmodel's Resize, CenterCrop, ToTensor and NormalizeImage; "
+                       "torchvision: the steps of tv_processing.py, written with torchvision.transforms.v2."
+                       "functional (needs torchvision; the saved model lists it) (default: %(default)s)")
     model.add_argument("--image-size", type=int, default=32,
                        help="Resize: the shorter side of the image (default: %(default)s)")
     model.add_argument("--crop-size", type=int, default=28,
@@ -119,6 +128,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--validation-fraction must be between 0 and 1")
     if args.registered_model_name and args.alias == args.challenger_alias:
         parser.error("--alias and --challenger-alias must differ")
+    if args.preprocessing == "torchvision":
+        try:
+            import tv_processing  # noqa: F401
+        except Exception as error:  # a torchvision built for another torch raises RuntimeError
+            parser.error(f"--preprocessing torchvision needs torchvision, the release built for torch "
+                         f"{torch.__version__} (pip install torchvision): {type(error).__name__}: {error}")
     return args
 
 
@@ -136,35 +151,63 @@ def pixel_statistics(images: Sequence[torch.Tensor]) -> tuple[list[float], list[
     return [round(float(m), 6) for m in pixels.mean(dim=1)], [round(float(s), 6) for s in pixels.std(dim=1)]
 
 
+def decode_and_resize(args: argparse.Namespace) -> list[fm.Transform]:
+    """The first steps of both variants: decode to grayscale (so a colour PNG works too), refusing
+    images over 4 megapixels before decoding their pixels, then resize. With ``--preprocessing
+    torchvision`` the image is a uint8 tensor from here on, a PIL image otherwise."""
+    decode = DecodeImage(mode="L", max_pixels=2048 * 2048)
+    if args.preprocessing == "torchvision":
+        import tv_processing as tv  # only this option needs torchvision
+
+        return [decode, tv.ToImage(), tv.Resize(args.image_size)]
+    return [decode, Resize(args.image_size)]
+
+
 def preprocessing(variant: str, args: argparse.Namespace, mean: list[float], std: list[float]) -> list[fm.Transform]:
-    """The pre-processing steps of ``variant``. Both decode to grayscale, so a colour PNG works too,
-    and refuse images over 4 megapixels before decoding their pixels."""
-    decode = [DecodeImage(mode="L", max_pixels=2048 * 2048), Resize(args.image_size)]
-    normalize = NormalizeImage(mean=mean, std=std)
-    if variant == "center":
-        return [*decode, CenterCrop(args.crop_size), ToTensor(), normalize]
+    """The pre-processing steps of ``variant``: ``decode_and_resize`` and then, for ``center``,
+    crop, tensor and normalise; for ``tta``, tensor, random crops and normalise."""
+    decode = decode_and_resize(args)
     crops = RandomCrops(
         args.crop_size,
         tta=fm.Param(args.tta, minimum=1, maximum=64),  # a request may trade time for accuracy
         seed=fm.Param(0),
     )
+    if args.preprocessing == "torchvision":
+        import tv_processing as tv
+
+        normalize: fm.Transform = tv.Normalize(mean=mean, std=std)
+        if variant == "center":
+            return [*decode, tv.CenterCrop(args.crop_size), tv.ToFloat(), normalize]
+        return [*decode, tv.ToFloat(), crops, normalize]
+    normalize = NormalizeImage(mean=mean, std=std)
+    if variant == "center":
+        return [*decode, CenterCrop(args.crop_size), ToTensor(), normalize]
     return [*decode, ToTensor(), crops, normalize]
 
 
+def to_float_tensor(args: argparse.Namespace) -> list[fm.Transform]:
+    """``decode_and_resize`` and the step to a float tensor: what the statistics are computed on."""
+    if args.preprocessing == "torchvision":
+        import tv_processing as tv
+
+        return [*decode_and_resize(args), tv.ToFloat()]
+    return [*decode_and_resize(args), ToTensor()]
+
+
 def training_inputs(
-    variant: str, steps: Sequence[fm.Transform], resized: Sequence[Any], seed: int
+    variant: str, steps: Sequence[fm.Transform], resized: Sequence[Any], seed: int, start: int
 ) -> Callable[[int], torch.Tensor]:
     """A function of the epoch giving the training inputs ``(N, C, crop, crop)`` of that epoch,
-    from the decoded and resized images ``resized``.
+    from the decoded and resized images ``resized``: ``steps[:start]`` made them.
 
     ``center`` sees the same centre crops every epoch. ``tta`` sees one random crop per image and
     epoch, drawn by the model's own ``RandomCrops`` with a seed per epoch: the augmentation in
     training is the one the model averages over at inference.
     """
     if variant == "center":
-        fixed = torch.stack([apply(steps[2:], image) for image in resized])  # CenterCrop, ToTensor, Normalize
+        fixed = torch.stack([apply(steps[start:], image) for image in resized])  # crop, tensor, normalise
         return lambda epoch: fixed
-    to_tensor, crops, normalize = steps[2:]
+    to_tensor, crops, normalize = steps[start:]
     tensors = [to_tensor(image) for image in resized]
 
     def epoch_inputs(epoch: int) -> torch.Tensor:
@@ -232,13 +275,14 @@ def train_variant(
     label_index = {label: i for i, label in enumerate(LABELS)}
     train_targets = torch.tensor([label_index[x] for x in train[1]])
     val_targets = torch.tensor([label_index[x] for x in val[1]])
-    resized = [apply(steps[:2], png) for png in train[0]]  # DecodeImage, Resize
+    start = len(decode_and_resize(args))
+    resized = [apply(steps[:start], png) for png in train[0]]  # DecodeImage, (ToImage,) Resize
     val_inputs = torch.stack([apply(steps, png) for png in val[0]])  # with the default tta and seed
 
     with mlflow.start_run(run_name=variant) as run:
         started = time.perf_counter()
         mlflow.log_params({
-            "variant": variant, "num_train": len(train[0]), "num_validation": len(val[0]),
+            "variant": variant, "preprocessing": args.preprocessing, "num_train": len(train[0]), "num_validation": len(val[0]),
             "render_size": args.render_size, "image_size": args.image_size, "crop_size": args.crop_size,
             "tta": args.tta if variant == "tta" else 1, "normalize_mean": mean, "normalize_std": std,
             "width": args.width, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -249,7 +293,7 @@ def train_variant(
         threads = torch.get_num_threads()
         torch.set_num_threads(args.num_threads)
         try:
-            val_accuracy = fit(net, training_inputs(variant, steps, resized, args.seed), train_targets,
+            val_accuracy = fit(net, training_inputs(variant, steps, resized, args.seed, start), train_targets,
                                (val_inputs, val_targets), args)
         finally:
             torch.set_num_threads(threads)
@@ -275,6 +319,7 @@ def train_variant(
         "version": info.registered_model_version,
         "val_accuracy": val_accuracy,
         "train_seconds": train_seconds,
+        "model": model,
     }
 
 
@@ -283,8 +328,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     Returns:
         ``variants``: for ``"center"`` and ``"tta"``, a dict with ``run_id``, ``model_uri``,
-        ``version`` (None without registration), ``alias``, ``val_accuracy`` and
-        ``train_seconds``; ``registered_model_uri`` (``models:/<name>@<alias>``, the tta
+        ``version`` (None without registration), ``alias``, ``val_accuracy``, ``train_seconds``
+        and ``model`` (the ``FullModel`` as logged, in memory); ``registered_model_uri`` (``models:/<name>@<alias>``, the tta
         version; None without registration); ``labels``; ``mean`` and ``std`` (the normalisation
         statistics of the training split); ``tracking_uri``.
     """
@@ -298,8 +343,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _logger.info("data: scikit-learn digits as %dx%d PNG files; %d training and %d validation images",
                  args.render_size, args.render_size, len(train[0]), len(val[0]))
     # The statistics come from the training split only, after the steps before NormalizeImage.
-    decode_and_resize = [DecodeImage(mode="L"), Resize(args.image_size), ToTensor()]
-    mean, std = pixel_statistics([apply(decode_and_resize, png) for png in train[0]])
+    tensor_steps = to_float_tensor(args)
+    mean, std = pixel_statistics([apply(tensor_steps, png) for png in train[0]])
     _logger.info("training pixels: mean %s, std %s", mean, std)
     example_inputs = val[0][:4]
 
