@@ -5,7 +5,14 @@ BIN := $(VENV)/bin
 # `mlflow models serve --env-manager local` starts uvicorn from PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-fast bench clean
+# The torchvision tests' own environment: PyPI's torchvision does not import beside the CPU torch
+# wheel (its build is linked against a CUDA torch), so they run with the torch/torchvision pair
+# that does, on the CPU.
+TV_VENV ?= .venv-torchvision
+TV_BIN := $(TV_VENV)/bin
+TV_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup setup-torchvision demo test test-fast test-torchvision bench clean
 
 $(BIN)/.installed: requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +24,24 @@ $(BIN)/.installed: requirements-dev.txt setup.cfg
 
 setup: $(BIN)/.installed
 
+$(TV_BIN)/.installed: requirements-dev.txt setup.cfg
+	$(PYTHON) -m venv $(TV_VENV)
+	$(TV_BIN)/pip install --quiet --upgrade pip
+	$(TV_BIN)/pip install --quiet $(TV_TORCH)
+	$(TV_BIN)/pip install --quiet "mlflow==3.17.*" -e ".[dev,examples,torchvision]"
+	touch $@
+
+setup-torchvision: $(TV_BIN)/.installed
+
 demo: setup  ## train, log, register and serve the examples; send a request; print the answer
 	$(BIN)/python example_projects/demo.py
 
-test: setup  ## the whole test suite, end-to-end tests included
+test: setup setup-torchvision  ## the whole test suite, end-to-end tests included
 	$(BIN)/python -m pytest
+	$(MAKE) test-torchvision
+
+test-torchvision: setup-torchvision  ## the image example with torchvision pre-processing
+	MLFLOW_FULLMODEL_REQUIRE_TORCHVISION=1 PATH="$(abspath $(TV_BIN)):$$PATH" $(TV_BIN)/python -m pytest tests/test_example_image_torchvision.py
 
 test-fast: setup  ## without the end-to-end tests
 	$(BIN)/python -m pytest -m "not slow"
@@ -30,4 +50,4 @@ bench: setup
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TV_VENV) mlruns mlflow.db .pytest_cache build *.egg-info
