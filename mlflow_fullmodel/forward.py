@@ -42,6 +42,8 @@ class CallModule(ForwardStrategy):
         FullModel(preprocess=[...], module=scripted, forward=CallModule(), postprocess=[...])
     """
 
+    module: str
+
     def __init__(self, module: str = MAIN) -> None:
         pass
 
@@ -90,6 +92,9 @@ class AverageOverSamples(ForwardStrategy):
             postprocess=[TopK(labels=labels, softmax=False)],
         )
     """
+
+    module: str
+    softmax: bool
 
     def __init__(self, module: str = MAIN, softmax: bool = True) -> None:
         if not isinstance(module, str) or not module:

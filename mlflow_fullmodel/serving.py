@@ -50,7 +50,7 @@ class ServingError(MlflowException):
         super().__init__(message, error_code=error_code)
         self._kept_message = message
 
-    @property  # type: ignore[override]
+    @property
     def message(self) -> str:
         return self.__dict__.get("_kept_message", "")
 

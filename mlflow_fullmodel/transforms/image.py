@@ -23,7 +23,7 @@ import io
 import math
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import torch
@@ -82,6 +82,9 @@ class DecodeImage(Transform):
 
     requirements = ("pillow",)
 
+    mode: str
+    max_pixels: int
+
     def __init__(self, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if mode not in IMAGE_MODES:
             raise ConfigError(f"DecodeImage: mode must be one of {list(IMAGE_MODES)}, got {mode!r}.")
@@ -92,6 +95,7 @@ class DecodeImage(Transform):
         from PIL import Image, UnidentifiedImageError
 
         raw = _image_bytes(data)
+        image: PILImage.Image  # a file's image, replaced by its 8-bit copy for 16-bit files
         try:
             image = Image.open(io.BytesIO(raw))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -198,6 +202,10 @@ class Resize(Transform):
 
     requirements = ("pillow",)
 
+    size: int | list[int]
+    interpolation: str
+    max_pixels: int
+
     def __init__(self, size: int | list[int], interpolation: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         _check_size("Resize", size)
         if not _is_int(max_pixels) or max_pixels < 1:
@@ -246,6 +254,8 @@ class CenterCrop(Transform):
         CenterCrop(28)(Resize(32)(image))      # 32x32 -> the centre 28x28
     """
 
+    size: int | list[int]
+
     def __init__(self, size: int | list[int]) -> None:
         _check_size("CenterCrop", size)
 
@@ -284,6 +294,10 @@ class RandomCrops(Transform):
         crops(torch.rand(1, 32, 32), tta=4, seed=7).shape
         # torch.Size([4, 1, 28, 28])
     """
+
+    size: int | list[int]
+    tta: int | Param
+    seed: int | Param
 
     def __init__(self, size: int | list[int], tta: int | Param = 8, seed: int | Param = 0) -> None:
         _check_size("RandomCrops", size)
@@ -374,6 +388,9 @@ class NormalizeImage(Transform):
         NormalizeImage(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])(torch.rand(3, 8, 8))
     """
 
+    mean: list[float]
+    std: list[float]
+
     def __init__(self, mean: list[float], std: list[float]) -> None:
         for name, values in (("mean", mean), ("std", std)):
             if (
@@ -413,7 +430,7 @@ class NormalizeImage(Transform):
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -40,6 +40,11 @@ class SentencePieceEncode(Transform):
 
     requirements = ("sentencepiece",)
 
+    model_file: Artifact
+    max_length: int
+    add_bos: bool
+    add_eos: bool
+
     def __init__(
         self, model_file: Artifact, max_length: int = 512, add_bos: bool = False, add_eos: bool = False
     ) -> None:
@@ -64,7 +69,7 @@ class SentencePieceEncode(Transform):
             raise InputError(f"expected a string, got {type(text).__name__}")
         return self._finish(self._processor.EncodeAsIds(text))
 
-    def batch(self, texts: list[str]) -> list[torch.Tensor]:
+    def batch(self, texts: list[str], /, **params: Any) -> list[torch.Tensor]:
         if not all(isinstance(text, str) for text in texts):
             raise InputError("expected strings")  # FullModel retries row by row to name the row
         # One tensor for all ids, split into per-row views instead of a tensor built per row.
@@ -125,6 +130,9 @@ class SentencePieceDecode(Transform):
     """
 
     requirements = ("sentencepiece",)
+
+    model_file: Artifact
+    column: str
 
     def __init__(self, model_file: Artifact, column: str = "translation") -> None:
         if not isinstance(model_file, Artifact):
