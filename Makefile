@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # `mlflow models serve --env-manager local` starts uvicorn from PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo typecheck test test-fast bench clean
 
 $(BIN)/.installed: requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,10 @@ setup: $(BIN)/.installed
 demo: setup  ## train, log, register and serve the examples; send a request; print the answer
 	$(BIN)/python example_projects/demo.py
 
-test: setup  ## the whole test suite, end-to-end tests included
+typecheck: setup  ## mypy over the package (configured in setup.cfg)
+	$(BIN)/python -m mypy mlflow_fullmodel
+
+test: setup typecheck  ## type check, then the whole test suite, end-to-end tests included
 	$(BIN)/python -m pytest
 
 test-fast: setup  ## without the end-to-end tests
