@@ -57,8 +57,12 @@ class PadCollate(Collate):
 
     Example::
 
-        PadCollate(pad_value=0)([torch.tensor([5, 6, 7]), torch.tensor([8])]).inputs
-        # tensor([[5, 6, 7], [8, 0, 0]])
+        >>> batch = PadCollate(pad_value=0)([torch.tensor([5, 6, 7]), torch.tensor([8])])
+        >>> batch.inputs
+        tensor([[5, 6, 7],
+                [8, 0, 0]])
+        >>> batch.lengths
+        tensor([3, 1])
     """
 
     pad_value: int | float
@@ -199,7 +203,8 @@ def length_buckets(lengths: Sequence[int], max_size: int, tolerance: float = PAD
 
     Example::
 
-        length_buckets([3, 100, 4, 90, 5], max_size=4)   # [[0, 2, 4], [3, 1]]
+        >>> length_buckets([3, 100, 4, 90, 5], max_size=4)
+        [[0, 2, 4], [3, 1]]
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     buckets: list[list[int]] = []

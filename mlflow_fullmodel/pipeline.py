@@ -61,12 +61,26 @@ class FullModel:
 
     Example::
 
-        model = FullModel(
-            preprocess=[SentencePieceEncode(Artifact("spm.model"), max_length=128)],
-            module=torch.jit.script(net),
-            postprocess=[TopK(labels=["neg", "pos"], k=Param(1))],
-        )
-        model.predict(["What a film!"], params={"k": 2})
+        >>> import torch
+        >>> from mlflow_fullmodel import FullModel, Param, script, transform
+        >>> from mlflow_fullmodel.transforms import TopK
+        >>> @transform
+        ... def marks(text: str) -> torch.Tensor:      # a stand-in for a tokenizer
+        ...     return torch.tensor([text.count("!"), text.count("?")], dtype=torch.float)
+        >>> net = torch.nn.Linear(2, 2, bias=False)     # a stand-in for a trained network
+        >>> _ = net.weight.data.copy_(torch.tensor([[-1.0, 1.0], [1.0, -1.0]]))
+        >>> model = FullModel(
+        ...     preprocess=[marks],
+        ...     module=script(net),
+        ...     postprocess=[TopK(labels=["neg", "pos"], k=Param(1))],
+        ... )
+        >>> answers = model.predict(["What a film!", "Dull?"], params={"k": 2})
+        >>> answers[["label", "top_labels"]]
+          label  top_labels
+        0   pos  [pos, neg]
+        1   neg  [neg, pos]
+
+    With text, ``SentencePieceEncode(Artifact("spm.model"))`` is the usual first step.
     """
 
     def __init__(

@@ -34,7 +34,15 @@ class Artifact(os.PathLike):
 
     Example::
 
-        SentencePieceEncode(Artifact("spm.model"), max_length=256)
+        >>> with open("labels.txt", "w") as f:
+        ...     _ = f.write("neg pos")
+        >>> labels = Artifact("labels.txt")
+        >>> labels
+        Artifact('labels.txt')
+        >>> labels.read_bytes()
+        b'neg pos'
+
+    A step takes it where it takes a path: ``SentencePieceEncode(Artifact("spm.model"))``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, sha256: str | None = None) -> None:
@@ -87,7 +95,12 @@ class Param:
 
     Example::
 
-        TopK(labels=["neg", "pos"], k=Param(1, minimum=1))
+        >>> from mlflow_fullmodel.transforms import TopK
+        >>> top = TopK(labels=["neg", "pos"], k=Param(1, minimum=1))
+        >>> top.params()
+        {'k': Param(1, minimum=1)}
+        >>> top.params()["k"].validate("k", 2.0)    # a request's value, converted to int
+        2
     """
 
     def __init__(
@@ -294,9 +307,11 @@ class Transform(Configurable):
 
     Example::
 
-        class Normalize(Transform):
-            def __call__(self, text: str) -> str:
-                return " ".join(text.lower().split())
+        >>> class Normalize(Transform):
+        ...     def __call__(self, text: str) -> str:
+        ...         return " ".join(text.lower().split())
+        >>> Normalize()("  What a   FILM!")
+        'what a film!'
     """
 
     #: Pip requirements of the transform beyond torch, numpy and pandas, e.g. ``["sentencepiece"]``.
@@ -337,11 +352,15 @@ def transform(function: Callable[..., Any]) -> type[Transform]:
 
     Example::
 
-        @transform
-        def truncate(text: str, max_chars: int = 1000) -> str:
-            return text[:max_chars]
+        >>> @transform
+        ... def truncate(text: str, max_chars: int = 1000) -> str:
+        ...     return text[:max_chars]
+        >>> truncate(max_chars=4)
+        truncate(max_chars=4)
+        >>> truncate(max_chars=4)("What a film!")
+        'What'
 
-        FullModel(preprocess=[truncate(max_chars=200)], module=scripted, postprocess=[...])
+    ``FullModel(preprocess=[truncate(max_chars=200)], ...)`` uses it as a step.
     """
     parameters = list(inspect.signature(function).parameters.values())
     if not parameters or parameters[0].kind not in (

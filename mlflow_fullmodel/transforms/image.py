@@ -76,8 +76,13 @@ class DecodeImage(Transform):
 
     Example::
 
-        DecodeImage(mode="L")(open("digit.png", "rb").read())
-        # <PIL.Image.Image image mode=L size=40x40>
+        >>> import io
+        >>> from PIL import Image
+        >>> file = io.BytesIO()
+        >>> Image.new("RGB", (64, 48), "white").save(file, format="PNG")
+        >>> png_bytes = file.getvalue()
+        >>> DecodeImage(mode="L")(png_bytes)
+        <PIL.Image.Image image mode=L size=64x48...>
     """
 
     requirements = ("pillow",)
@@ -196,8 +201,12 @@ class Resize(Transform):
 
     Example::
 
-        Resize(32)(image)          # 64x48 (width x height) -> 42x32
-        Resize([28, 28])(image)    # -> 28x28
+        >>> from PIL import Image
+        >>> image = Image.new("RGB", (64, 48))      # width x height
+        >>> Resize(32)(image).size
+        (42, 32)
+        >>> Resize([28, 28])(image).size
+        (28, 28)
     """
 
     requirements = ("pillow",)
@@ -251,7 +260,12 @@ class CenterCrop(Transform):
 
     Example::
 
-        CenterCrop(28)(Resize(32)(image))      # 32x32 -> the centre 28x28
+        >>> from PIL import Image
+        >>> CenterCrop(28)(Image.new("RGB", (32, 32))).size
+        (28, 28)
+        >>> CenterCrop([2, 3])(torch.arange(16).reshape(1, 4, 4))
+        tensor([[[ 4,  5,  6],
+                 [ 8,  9, 10]]])
     """
 
     size: int | list[int]
@@ -290,9 +304,12 @@ class RandomCrops(Transform):
 
     Example::
 
-        crops = RandomCrops(28, tta=Param(8, minimum=1, maximum=64), seed=Param(0))
-        crops(torch.rand(1, 32, 32), tta=4, seed=7).shape
-        # torch.Size([4, 1, 28, 28])
+        >>> crops = RandomCrops(28, tta=Param(8, minimum=1, maximum=64), seed=Param(0))
+        >>> image = torch.rand(1, 32, 32)
+        >>> crops(image, tta=4, seed=7).shape
+        torch.Size([4, 1, 28, 28])
+        >>> torch.equal(crops(image, tta=4, seed=7), crops(image, tta=4, seed=7))
+        True
     """
 
     size: int | list[int]
@@ -351,8 +368,14 @@ class ToTensor(Transform):
 
     Example::
 
-        ToTensor()(DecodeImage(mode="RGB")(png_bytes)).shape
-        # torch.Size([3, 40, 40])
+        >>> import io
+        >>> from PIL import Image
+        >>> file = io.BytesIO()
+        >>> Image.new("RGB", (64, 48), "white").save(file, format="PNG")
+        >>> png_bytes = file.getvalue()
+        >>> pixels = ToTensor()(DecodeImage(mode="RGB")(png_bytes))
+        >>> pixels.shape, pixels.max().item()
+        (torch.Size([3, 48, 64]), 1.0)
     """
 
     requirements = ("pillow",)
@@ -385,7 +408,10 @@ class NormalizeImage(Transform):
 
     Example::
 
-        NormalizeImage(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])(torch.rand(3, 8, 8))
+        >>> normalize = NormalizeImage(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+        >>> normalize(torch.full((3, 2, 2), 0.75))[0]
+        tensor([[1., 1.],
+                [1., 1.]])
     """
 
     mean: list[float]

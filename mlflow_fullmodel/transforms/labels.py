@@ -31,8 +31,10 @@ class TopK(Transform):
 
     Example::
 
-        TopK(labels=["neg", "pos"], k=Param(1))(torch.tensor([0.2, 1.3]), k=2)
-        # {'label': 'pos', 'probability': 0.75, 'top_labels': ['pos', 'neg'], ...}
+        >>> top = TopK(labels=["neg", "pos"], k=Param(1))
+        >>> answer = top(torch.tensor([0.2, 1.3]), k=2)
+        >>> answer["label"], round(answer["probability"], 3), answer["top_labels"]
+        ('pos', 0.75, ['pos', 'neg'])
     """
 
     labels: list[str]

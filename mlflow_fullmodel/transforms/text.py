@@ -34,8 +34,16 @@ class SentencePieceEncode(Transform):
 
     Example::
 
-        SentencePieceEncode(Artifact("spm.model"), max_length=128)("What a film!")
-        # tensor([ 45, 312,   9,  77])
+        >>> import sentencepiece
+        >>> sentencepiece.SentencePieceTrainer.train(     # a tiny tokenizer, written to spm.model
+        ...     sentence_iterator=iter(["what a film", "a dull film", "what a plot"] * 20),
+        ...     model_prefix="spm", vocab_size=20, hard_vocab_limit=False, minloglevel=2)
+        >>> encode = SentencePieceEncode(Artifact("spm.model"), max_length=128)
+        >>> ids = encode("what a film")
+        >>> ids.dtype, ids.dim()
+        (torch.int64, 1)
+        >>> len(SentencePieceEncode(Artifact("spm.model"), max_length=2)("what a dull film"))
+        2
     """
 
     requirements = ("sentencepiece",)
@@ -125,8 +133,14 @@ class SentencePieceDecode(Transform):
 
     Example::
 
-        SentencePieceDecode(Artifact("target.model"))([([45, 312], -0.3), ([45, 9], -1.2)])
-        # {'translation': 'forty-two', 'candidates': ['forty-two', 'forty-nine'], 'scores': [-0.3, -1.2]}
+        >>> import sentencepiece
+        >>> sentencepiece.SentencePieceTrainer.train(     # a tiny tokenizer, written to spm.model
+        ...     sentence_iterator=iter(["what a film", "a dull film", "what a plot"] * 20),
+        ...     model_prefix="spm", vocab_size=20, hard_vocab_limit=False, minloglevel=2)
+        >>> encode = SentencePieceEncode(Artifact("spm.model"))
+        >>> candidates = [(encode("what a film"), -0.3), (encode("a dull film"), -1.2)]
+        >>> SentencePieceDecode(Artifact("spm.model"))(candidates)
+        {'translation': 'what a film', 'candidates': ['what a film', 'a dull film'], 'scores': [-0.3, -1.2]}
     """
 
     requirements = ("sentencepiece",)
