@@ -12,7 +12,7 @@ TV_VENV ?= .venv-torchvision
 TV_BIN := $(TV_VENV)/bin
 TV_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup setup-torchvision demo test test-fast test-torchvision bench clean
+.PHONY: setup setup-torchvision demo typecheck test test-fast test-torchvision bench clean
 
 $(BIN)/.installed: requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,10 @@ setup-torchvision: $(TV_BIN)/.installed
 demo: setup  ## train, log, register and serve the examples; send a request; print the answer
 	$(BIN)/python example_projects/demo.py
 
-test: setup setup-torchvision  ## the whole test suite, end-to-end tests included
+typecheck: setup  ## mypy over the package (configured in setup.cfg)
+	$(BIN)/python -m mypy mlflow_fullmodel
+
+test: setup setup-torchvision typecheck  ## type check, then the whole test suite, end-to-end tests included
 	$(BIN)/python -m pytest
 	$(MAKE) test-torchvision
 

@@ -5,16 +5,22 @@ MLflow flavor functions are imported on first use, so ``import mlflow_fullmodel`
 
 Example::
 
-    import mlflow_fullmodel as fm
-    from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
+    >>> import torch
+    >>> import mlflow_fullmodel as fm
+    >>> from mlflow_fullmodel.transforms import TopK
+    >>> @fm.transform
+    ... def marks(text: str) -> torch.Tensor:      # a stand-in for SentencePieceEncode
+    ...     return torch.tensor([text.count("!"), text.count("?")], dtype=torch.float)
+    >>> model = fm.FullModel(
+    ...     preprocess=[marks],
+    ...     module=fm.script(torch.nn.Linear(2, 2)),
+    ...     postprocess=[TopK(labels=["neg", "pos"], k=fm.Param(1))],
+    ... )
+    >>> sorted(model.params)
+    ['k', 'on_error']
 
-    model = fm.FullModel(
-        preprocess=[SentencePieceEncode(fm.Artifact("spm.model"), max_length=128)],
-        module=torch.jit.script(net),
-        postprocess=[TopK(labels=["neg", "pos"], k=fm.Param(1))],
-    )
-    with mlflow.start_run():
-        fm.log_model(model, name="model", input_example=["What a film!"])
+Then ``fm.log_model(model, name="model", input_example=["What a film!"])`` in an MLflow run
+saves it as one MLflow model.
 """
 
 from __future__ import annotations

@@ -71,8 +71,18 @@ class MicroBatcher:
 
     Example::
 
-        batcher = MicroBatcher(model, max_batch_size=64)
-        batcher.predict(["What a film!"])      # from any number of threads at once
+        >>> import torch
+        >>> from mlflow_fullmodel import FullModel, Param, script, transform
+        >>> from mlflow_fullmodel.transforms import TopK
+        >>> @transform
+        ... def marks(text: str) -> torch.Tensor:      # a stand-in for a tokenizer
+        ...     return torch.tensor([text.count("!"), text.count("?")], dtype=torch.float)
+        >>> net = torch.nn.Linear(2, 2, bias=False)     # a stand-in for a trained network
+        >>> _ = net.weight.data.copy_(torch.tensor([[-1.0, 1.0], [1.0, -1.0]]))
+        >>> model = FullModel(preprocess=[marks], module=script(net), postprocess=[TopK(labels=["neg", "pos"])])
+        >>> batcher = MicroBatcher(model, max_batch_size=64)
+        >>> batcher.predict(["What a film!"])["label"].tolist()    # from any number of threads at once
+        ['pos']
     """
 
     def __init__(self, model: FullModel, max_batch_size: int = 64, max_wait_ms: float = 2.0,

@@ -111,7 +111,7 @@ def render_card(facts: dict[str, Any]) -> str:
             rows.append(values + [answer[c] for c in outputs])
         inputs = list(golden["inputs"][0]) if isinstance(golden["inputs"][0], dict) else facts["inputs"][:1]
         lines += _table([*inputs, *outputs], rows)
-    request = {"dataframe_records": [_example_record(facts)]}
+    request: dict[str, Any] = {"dataframe_records": [_example_record(facts)]}
     if facts["params"]:
         request["params"] = {p["name"]: p["default"] for p in facts["params"]}
     lines += ["", "## How to call it", "", "Serve it (with MLflow installed; `NAME@ALIAS` is its registered name and alias):", "",

@@ -17,7 +17,7 @@ import torch
 from mlflow_fullmodel.exceptions import InputError
 from mlflow_fullmodel.transform import Configurable
 
-__all__ = ["Batch", "PadCollate", "example_length", "length_buckets", "to_device", "uncollate"]
+__all__ = ["Batch", "Collate", "PadCollate", "example_length", "length_buckets", "to_device", "uncollate"]
 
 #: Tensor types that numpy holds as they are, so that padding can be done in numpy.
 _NUMPY_DTYPES = frozenset({
@@ -41,7 +41,14 @@ class Batch:
         return Batch(to_device(self.inputs, device), to_device(self.lengths, device))
 
 
-class PadCollate(Configurable):
+class Collate(Configurable):
+    """Base class: ``__call__(examples)`` turns pre-processed examples into one ``Batch``."""
+
+    def __call__(self, examples: Sequence[Any]) -> Batch:
+        raise NotImplementedError
+
+
+class PadCollate(Collate):
     """Pad variable-length 1-D tensors to the longest in the batch, stack the rest.
 
     Args:
@@ -50,9 +57,16 @@ class PadCollate(Configurable):
 
     Example::
 
-        PadCollate(pad_value=0)([torch.tensor([5, 6, 7]), torch.tensor([8])]).inputs
-        # tensor([[5, 6, 7], [8, 0, 0]])
+        >>> batch = PadCollate(pad_value=0)([torch.tensor([5, 6, 7]), torch.tensor([8])])
+        >>> batch.inputs
+        tensor([[5, 6, 7],
+                [8, 0, 0]])
+        >>> batch.lengths
+        tensor([3, 1])
     """
+
+    pad_value: int | float
+    pad_side: str
 
     def __init__(self, pad_value: int | float = 0, pad_side: str = "right") -> None:
         if pad_side not in ("right", "left"):
@@ -189,7 +203,8 @@ def length_buckets(lengths: Sequence[int], max_size: int, tolerance: float = PAD
 
     Example::
 
-        length_buckets([3, 100, 4, 90, 5], max_size=4)   # [[0, 2, 4], [3, 1]]
+        >>> length_buckets([3, 100, 4, 90, 5], max_size=4)
+        [[0, 2, 4], [3, 1]]
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     buckets: list[list[int]] = []

@@ -51,12 +51,20 @@ class _Decoding(ForwardStrategy):
     """What greedy and beam search share: checking the configuration, reaching the module's entry
     points, encoding the batch and turning the decoder's scores into masked log-probabilities."""
 
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    max_length: int | Param
+    encoder: str
+    decoder: str
+
     def check_collate(self, collate: Configurable) -> None:
         # The source mask is built from the lengths with the real tokens first (right padding).
-        if getattr(collate, "pad_side", "right") != "right":
+        side = getattr(collate, "pad_side", "right")
+        if side != "right":
             raise ConfigError(
                 f"{type(self).__name__} needs source batches padded on the right, but the collate step "
-                f"{collate!r} pads on the {collate.pad_side}; use PadCollate(pad_side='right')."  # type: ignore[attr-defined]
+                f"{collate!r} pads on the {side}; use PadCollate(pad_side='right')."
             )
 
     def _check_config(self) -> None:
@@ -221,6 +229,10 @@ class BeamSearch(_Decoding):
         model.predict(["1234"], params={"beam_size": 8, "n_best": 3})
     """
 
+    beam_size: int | Param
+    n_best: int | Param
+    length_penalty: float | Param
+
     def __init__(
         self,
         bos_id: int = 2,
@@ -235,10 +247,8 @@ class BeamSearch(_Decoding):
     ) -> None:
         self._check_config()
         name = type(self).__name__
-        _check_count_default(name, "beam_size", beam_size)
-        _check_count_default(name, "n_best", n_best)
-        beam_default = beam_size.default if isinstance(beam_size, Param) else beam_size
-        n_best_default = n_best.default if isinstance(n_best, Param) else n_best
+        beam_default = _check_count_default(name, "beam_size", beam_size)
+        n_best_default = _check_count_default(name, "n_best", n_best)
         if n_best_default > beam_default:
             raise ConfigError(
                 f"{name}: n_best ({n_best_default}) must be at most beam_size ({beam_default}): the "
@@ -329,10 +339,12 @@ class BeamSearch(_Decoding):
         return finished
 
 
-def _check_count_default(name: str, argument: str, value: Any) -> None:
+def _check_count_default(name: str, argument: str, value: Any) -> int:
+    """The default of a count argument (its value, or its Param's default), checked to be >= 1."""
     default = value.default if isinstance(value, Param) else value
     if not isinstance(default, int) or isinstance(default, bool) or default < 1:
         raise ConfigError(f"{name}: {argument} must be an int >= 1 (or a Param of one), got {default!r}.")
+    return default
 
 
 def _entry_point(

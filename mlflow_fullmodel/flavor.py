@@ -32,7 +32,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import pandas as pd
 import yaml
@@ -43,7 +43,7 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
 from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 from mlflow.types.utils import _infer_schema
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
@@ -120,7 +120,7 @@ def save_model(
     conda_env: dict[str, Any] | str | None = None,
     code_paths: list[str] | None = None,
     mlflow_model: Model | None = None,
-    signature: ModelSignature | bool | None = None,
+    signature: ModelSignature | Literal[False] | None = None,
     input_example: ModelInputExample | None = None,
     pip_requirements: list[str] | str | None = None,
     extra_pip_requirements: list[str] | str | None = None,
@@ -181,6 +181,7 @@ def save_model(
             pip_requirements, extra_pip_requirements, metadata,
         )
         if check_parity:
+            assert rows is not None  # refused above: the check needs an input example
             check_parity_of(path, preprocess_digests(fullmodel, rows))
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
@@ -194,7 +195,7 @@ def _write_model(
     conda_env: Any,
     code_paths: list[str] | None,
     mlflow_model: Model | None,
-    signature: ModelSignature | bool | None,
+    signature: ModelSignature | Literal[False] | None,
     pip_requirements: Any,
     extra_pip_requirements: Any,
     metadata: dict[str, Any] | None,
@@ -334,7 +335,7 @@ def _records(fullmodel: FullModel, rows: list[Any]) -> list[dict[str, Any]]:
 
 def _infer_signature(fullmodel: FullModel, golden: Any) -> ModelSignature:
     records = _records(fullmodel, golden.inputs)
-    columns = []
+    columns: list[ColSpec | TensorSpec] = []
     for column in fullmodel.input_columns:
         kind = type(records[0][column])
         if kind not in _SCHEMA_TYPES:
@@ -343,8 +344,10 @@ def _infer_signature(fullmodel: FullModel, golden: Any) -> ModelSignature:
                 f"one of {[t.__name__ for t in _SCHEMA_TYPES]}, or pass signature= explicitly."
             )
         columns.append(ColSpec(_SCHEMA_TYPES[kind], column))
-    params = _param_schema(fullmodel) if fullmodel.params else None
-    return ModelSignature(Schema(columns), _infer_schema(golden.outputs), params)
+    inputs, outputs = Schema(columns), _infer_schema(golden.outputs)
+    if fullmodel.params:
+        return ModelSignature(inputs, outputs, _param_schema(fullmodel))
+    return ModelSignature(inputs, outputs)
 
 
 def _param_schema(fullmodel: FullModel) -> ParamSchema:
@@ -359,7 +362,7 @@ def log_model(
     conda_env: dict[str, Any] | str | None = None,
     code_paths: list[str] | None = None,
     registered_model_name: str | None = None,
-    signature: ModelSignature | bool | None = None,
+    signature: ModelSignature | Literal[False] | None = None,
     input_example: ModelInputExample | None = None,
     await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
     pip_requirements: list[str] | str | None = None,

@@ -39,8 +39,20 @@ class CallModule(ForwardStrategy):
 
     Example::
 
-        FullModel(preprocess=[...], module=scripted, forward=CallModule(), postprocess=[...])
+        >>> from mlflow_fullmodel import FullModel, script
+        >>> from mlflow_fullmodel.collate import Batch
+        >>> from mlflow_fullmodel.modules import ModuleSet
+        >>> double = script(torch.nn.Linear(1, 1, bias=False).requires_grad_(False).apply(
+        ...     lambda m: m.weight.fill_(2.0) if isinstance(m, torch.nn.Linear) else None))
+        >>> CallModule()(ModuleSet.of(double), Batch(torch.tensor([[1.0], [3.0]])), torch.device("cpu"))
+        tensor([[2.],
+                [6.]])
+
+    ``FullModel(preprocess=[...], module=scripted, forward=CallModule(), postprocess=[...])`` is the
+    default.
     """
+
+    module: str
 
     def __init__(self, module: str = MAIN) -> None:
         pass
@@ -91,6 +103,9 @@ class AverageOverSamples(ForwardStrategy):
             postprocess=[TopK(labels=labels, softmax=False)],
         )
     """
+
+    module: str
+    softmax: bool
 
     def __init__(self, module: str = MAIN, softmax: bool = True) -> None:
         if not isinstance(module, str) or not module:

@@ -192,10 +192,13 @@ def promote(
         promote("reviews", "3", alias="champion")
         promote("reviews", from_alias="challenger", alias="champion", fresh_env=True)
     """
-    if (version is None) == (from_alias is None):
-        raise ValueError("promote needs exactly one of version and from_alias.")
     client = MlflowClient()
-    target = client.get_model_version_by_alias(name, from_alias) if from_alias else client.get_model_version(name, version)
+    if version is not None and from_alias is None:
+        target = client.get_model_version(name, version)
+    elif from_alias is not None and version is None:
+        target = client.get_model_version_by_alias(name, from_alias)
+    else:
+        raise ValueError("promote needs exactly one of version and from_alias.")
     version = str(target.version)
     try:
         previous = str(client.get_model_version_by_alias(name, alias).version)

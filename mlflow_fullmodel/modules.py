@@ -56,7 +56,11 @@ def script(module: torch.nn.Module) -> torch.jit.ScriptModule:
 
     Example::
 
-        FullModel(preprocess=[...], module=fm.script(net), postprocess=[...])
+        >>> scripted = script(torch.nn.Linear(2, 2))
+        >>> scripted.original_name, scripted.training
+        ('Linear', False)
+
+    ``FullModel(preprocess=[...], module=fm.script(net), postprocess=[...])`` takes it.
     """
     with quiet_torch_jit():
         return torch.jit.script(module.eval())

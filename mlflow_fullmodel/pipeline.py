@@ -10,13 +10,13 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 import torch
 
-from mlflow_fullmodel.collate import Batch, PadCollate, example_length, length_buckets, to_device, uncollate
+from mlflow_fullmodel.collate import Batch, Collate, PadCollate, example_length, length_buckets, to_device, uncollate
 from mlflow_fullmodel.exceptions import ConfigError, DeadlineError, FullModelError, InputError, ModelError, ParamError
 from mlflow_fullmodel.forward import CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import ModuleSet, resolve_device
@@ -63,12 +63,26 @@ class FullModel:
 
     Example::
 
-        model = FullModel(
-            preprocess=[SentencePieceEncode(Artifact("spm.model"), max_length=128)],
-            module=torch.jit.script(net),
-            postprocess=[TopK(labels=["neg", "pos"], k=Param(1))],
-        )
-        model.predict(["What a film!"], params={"k": 2})
+        >>> import torch
+        >>> from mlflow_fullmodel import FullModel, Param, script, transform
+        >>> from mlflow_fullmodel.transforms import TopK
+        >>> @transform
+        ... def marks(text: str) -> torch.Tensor:      # a stand-in for a tokenizer
+        ...     return torch.tensor([text.count("!"), text.count("?")], dtype=torch.float)
+        >>> net = torch.nn.Linear(2, 2, bias=False)     # a stand-in for a trained network
+        >>> _ = net.weight.data.copy_(torch.tensor([[-1.0, 1.0], [1.0, -1.0]]))
+        >>> model = FullModel(
+        ...     preprocess=[marks],
+        ...     module=script(net),
+        ...     postprocess=[TopK(labels=["neg", "pos"], k=Param(1))],
+        ... )
+        >>> answers = model.predict(["What a film!", "Dull?"], params={"k": 2})
+        >>> answers[["label", "top_labels"]]
+          label  top_labels
+        0   pos  [pos, neg]
+        1   neg  [neg, pos]
+
+    With text, ``SentencePieceEncode(Artifact("spm.model"))`` is the usual first step.
     """
 
     def __init__(
@@ -78,7 +92,7 @@ class FullModel:
         postprocess: Sequence[Transform | type[Transform]] = (),
         *,
         forward: ForwardStrategy | None = None,
-        collate: Configurable | None = None,
+        collate: Collate | None = None,
         input_columns: Sequence[str] = ("text",),
         batch_size: int = 32,
         device: str | torch.device = "cpu",
@@ -169,7 +183,7 @@ class FullModel:
         )
 
     def __repr__(self) -> str:
-        def listing(steps: list[Configurable]) -> str:
+        def listing(steps: Sequence[Configurable]) -> str:
             return "[" + ", ".join(repr(s) for s in steps) + "]"
 
         modules = ", ".join(f"{n}: {f}" for n, f in self.modules.formats.items())
@@ -454,7 +468,9 @@ def _records(data: Any, columns: list[str]) -> list[dict[str, Any]]:
         data = [data]
     if isinstance(data, Mapping):
         if all(isinstance(v, (list, tuple, np.ndarray, pd.Series)) for v in data.values()):
-            return pd.DataFrame({k: list(v) for k, v in data.items()}).to_dict(orient="records")
+            frame = pd.DataFrame({k: list(v) for k, v in data.items()})
+            # The records' keys are the columns: the keys of ``data``.
+            return cast("list[dict[str, Any]]", frame.to_dict(orient="records"))
         data = [data]
     if not isinstance(data, (list, tuple)):
         raise InputError(

@@ -50,7 +50,7 @@ class ServingError(MlflowException):
         super().__init__(message, error_code=error_code)
         self._kept_message = message
 
-    @property  # type: ignore[override]
+    @property
     def message(self) -> str:
         return self.__dict__.get("_kept_message", "")
 
@@ -227,10 +227,14 @@ def tune_scoring_server() -> bool:
 
     Example::
 
-        class MyModel(mlflow.pyfunc.PythonModel):
-            def load_context(self, context):
-                self.net = torch.jit.load(context.artifacts["net"])
-                mlflow_fullmodel.tune_scoring_server()
+        >>> import mlflow, torch
+        >>> import mlflow_fullmodel
+        >>> class MyModel(mlflow.pyfunc.PythonModel):
+        ...     def load_context(self, context):
+        ...         self.net = torch.jit.load(context.artifacts["net"])
+        ...         mlflow_fullmodel.tune_scoring_server()
+        >>> mlflow_fullmodel.tune_scoring_server()      # outside a scoring server: nothing to tune
+        False
     """
     if _SERVER_MODEL_PATH not in os.environ:
         return False

@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, ClassVar
 
 from mlflow_fullmodel.exceptions import ConfigError, IntegrityError, ParamError
@@ -34,7 +34,15 @@ class Artifact(os.PathLike):
 
     Example::
 
-        SentencePieceEncode(Artifact("spm.model"), max_length=256)
+        >>> with open("labels.txt", "w") as f:
+        ...     _ = f.write("neg pos")
+        >>> labels = Artifact("labels.txt")
+        >>> labels
+        Artifact('labels.txt')
+        >>> labels.read_bytes()
+        b'neg pos'
+
+    A step takes it where it takes a path: ``SentencePieceEncode(Artifact("spm.model"))``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, sha256: str | None = None) -> None:
@@ -87,7 +95,12 @@ class Param:
 
     Example::
 
-        TopK(labels=["neg", "pos"], k=Param(1, minimum=1))
+        >>> from mlflow_fullmodel.transforms import TopK
+        >>> top = TopK(labels=["neg", "pos"], k=Param(1, minimum=1))
+        >>> top.params()
+        {'k': Param(1, minimum=1)}
+        >>> top.params()["k"].validate("k", 2.0)    # a request's value, converted to int
+        2
     """
 
     def __init__(
@@ -142,7 +155,7 @@ class Param:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Param) and other.to_dict() == self.to_dict()
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # None marks the class unhashable
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
@@ -176,7 +189,8 @@ class Configurable:
     Subclasses declare their configuration as named ``__init__`` arguments (no ``*args`` or
     ``**kwargs``). The arguments are stored as same-named attributes before ``__init__`` runs, so
     ``__init__`` only validates. Public attributes that are not constructor arguments are refused at
-    save time, because they would be lost.
+    save time, because they would be lost. A subclass annotates those attributes in its class body
+    (``max_length: int``, no value) so that a type checker knows them.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -256,7 +270,7 @@ class Configurable:
         return type(other) is type(self) and other.get_config() == self.get_config()
 
     # Equal steps (same class, same configuration) must not hash apart, and a configuration holds
-    # lists and dicts: a step is not hashable, like a Param.
+    # lists and dicts: a step is not hashable, like a Param. (object.__hash__ is typed to exist.)
     __hash__ = None  # type: ignore[assignment]
 
 
@@ -267,9 +281,16 @@ def _same(value: Any, default: Any) -> bool:
         return value is default
 
 
-@functools.cache
 def _init_parameters(cls: type) -> tuple[inspect.Parameter, ...]:
-    # Cached: predict asks every step for its params on every call.
+    return _cached_init_parameters(cls)
+
+
+# Cached: predict asks every step for its params on every call. A class is hashable (by identity)
+# although its instances are not (``__hash__ = None``); a type checker cannot tell the two apart,
+# so the cache takes a Hashable.
+@functools.cache
+def _cached_init_parameters(cls: Hashable) -> tuple[inspect.Parameter, ...]:
+    assert isinstance(cls, type) and issubclass(cls, Configurable)
     init = cls.__init__
     if init is object.__init__:
         return ()
@@ -286,15 +307,19 @@ class Transform(Configurable):
 
     Example::
 
-        class Normalize(Transform):
-            def __call__(self, text: str) -> str:
-                return " ".join(text.lower().split())
+        >>> class Normalize(Transform):
+        ...     def __call__(self, text: str) -> str:
+        ...         return " ".join(text.lower().split())
+        >>> Normalize()("  What a   FILM!")
+        'what a film!'
     """
 
     #: Pip requirements of the transform beyond torch, numpy and pandas, e.g. ``["sentencepiece"]``.
     requirements: ClassVar[tuple[str, ...]] = ()
 
-    def __call__(self, x: Any, **params: Any) -> Any:
+    # Typed as taking anything: a step is called with only the Params it declares, so each
+    # subclass has its own signature (``(self, text)``, ``(self, image, **params)``).
+    def __call__(self, *args: Any, **params: Any) -> Any:
         raise NotImplementedError(f"{type(self).__qualname__} must implement __call__(self, x).")
 
     def samples(self, **params: Any) -> int:
@@ -302,7 +327,7 @@ class Transform(Configurable):
         augmentation makes several); a served request's work is bounded by rows x samples."""
         return 1
 
-    def batch(self, xs: list[Any], **params: Any) -> list[Any]:
+    def batch(self, xs: list[Any], /, **params: Any) -> list[Any]:
         """The transform applied to many examples; override where one vectorised call beats a
         loop. It must give what ``[self(x) for x in xs]`` gives. If it raises, FullModel falls
         back to calling the transform row by row, so errors can still name the row."""
@@ -314,7 +339,7 @@ class FunctionTransform(Transform):
 
     function: ClassVar[Callable[..., Any]]
 
-    def __call__(self, x: Any, **params: Any) -> Any:
+    def __call__(self, x: Any, /, **params: Any) -> Any:
         return type(self).function(x, **self.resolved_config(params))
 
 
@@ -327,11 +352,15 @@ def transform(function: Callable[..., Any]) -> type[Transform]:
 
     Example::
 
-        @transform
-        def truncate(text: str, max_chars: int = 1000) -> str:
-            return text[:max_chars]
+        >>> @transform
+        ... def truncate(text: str, max_chars: int = 1000) -> str:
+        ...     return text[:max_chars]
+        >>> truncate(max_chars=4)
+        truncate(max_chars=4)
+        >>> truncate(max_chars=4)("What a film!")
+        'What'
 
-        FullModel(preprocess=[truncate(max_chars=200)], module=scripted, postprocess=[...])
+    ``FullModel(preprocess=[truncate(max_chars=200)], ...)`` uses it as a step.
     """
     parameters = list(inspect.signature(function).parameters.values())
     if not parameters or parameters[0].kind not in (
@@ -349,6 +378,7 @@ def transform(function: Callable[..., Any]) -> type[Transform]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # replaced signature below
         pass
 
+    # inspect.signature reads __signature__; functions do not declare it.
     __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in config]

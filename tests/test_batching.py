@@ -15,6 +15,10 @@ from mlflow_fullmodel.batching import MicroBatcher
 from mlflow_fullmodel.parity import compare_outputs
 from mlflow_fullmodel.transforms import TopK
 
+# Each test waits on threads, barriers and a batcher's queue: a lost wake-up would hang it, so
+# each gets far more time than it needs (seconds) and then fails instead of stalling the suite.
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture(scope="module")
 def ids_model(scripted_net) -> fm.FullModel:

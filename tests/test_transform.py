@@ -9,6 +9,7 @@ from contract import plain_config, round_trip
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.collate import PadCollate
 from mlflow_fullmodel.forward import CallModule
+from mlflow_fullmodel.pipeline import apply_step
 from mlflow_fullmodel.storage.folder import _encode_config, _Plan
 from mlflow_fullmodel.transforms import (
     CenterCrop,
@@ -153,6 +154,18 @@ class TestTransformDecorator:
         assert list(step.params()) == ["times"]
         assert step("ab") == "ab"
         assert step("ab", times=3) == "ababab"
+
+    def test_a_param_may_share_its_name_with_the_example_argument_of_call_and_batch(self):
+        # The example is passed positionally: a runtime parameter named like the base class's
+        # example argument (``__call__(x)``, ``batch(xs)``) must not collide with it.
+        @fm.transform
+        def repeat(text: str, x: int = fm.Param(1), xs: str = fm.Param("")) -> str:
+            return text * x + xs
+
+        step = repeat()
+        assert step("ab", x=2, xs="!") == "abab!"
+        assert step.batch(["ab", "c"], x=3, xs="") == ["ababab", "ccc"]
+        assert apply_step(step, "preprocess[0]", [0, 1], ["ab", "c"], {"x": 2, "xs": "."}) == ([0, 1], ["abab.", "cc."])
 
     def test_an_argument_without_default_is_refused(self):
         with pytest.raises(TypeError, match="argument 'n' of .*needs a default"):

@@ -260,14 +260,21 @@ def _main_assignment(name: str, user: Any) -> tuple[str, set[str]] | None:
             tree = ast.parse(source)
         except SyntaxError:
             continue
-        found = None
+        found: tuple[ast.stmt, ast.expr] | None = None  # the last assignment, and its value
         for node in tree.body:
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) and node.value else []
+            targets: list[ast.expr]
+            if isinstance(node, ast.Assign):
+                targets, value = node.targets, node.value
+            elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                targets, value = [node.target], node.value
+            else:
+                continue
             if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                found = node
+                found = node, value
         if found is not None:
-            uses = {n.id for n in ast.walk(found.value) if isinstance(n, ast.Name)} - set(dir(builtins))
-            return ast.get_source_segment(source, found) or "", uses
+            statement, value = found
+            uses = {n.id for n in ast.walk(value) if isinstance(n, ast.Name)} - set(dir(builtins))
+            return ast.get_source_segment(source, statement) or "", uses
     return None
 
 
@@ -307,6 +314,7 @@ def _is_literal(value: Any) -> bool:
 
 def _source_of(obj: Any, label: str) -> str:
     target = getattr(obj, "function", obj) if _is_function_transform(obj) else obj
+    source: str | None
     try:
         source = inspect.getsource(target)
     except (OSError, TypeError):
@@ -365,8 +373,9 @@ def _definition_time_nodes(tree: ast.AST) -> list[ast.AST]:
             for part in getattr(node, "decorator_list", []):
                 found.extend(ast.walk(part))
             found.extend(ast.walk(node.args))
-            if getattr(node, "returns", None) is not None:
-                found.extend(ast.walk(node.returns))
+            returns = getattr(node, "returns", None)  # a Lambda has none
+            if returns is not None:
+                found.extend(ast.walk(returns))
             return  # the body runs later; its globals come from the code objects
         found.append(node)
         for child in ast.iter_child_nodes(node):

@@ -28,19 +28,21 @@ import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
 
 from mlflow_fullmodel import __version__
+from mlflow_fullmodel.collate import Collate
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, IntegrityError, ModelFormatError
+from mlflow_fullmodel.forward import ForwardStrategy
 from mlflow_fullmodel.modules import load_module, method_names, save_module
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.storage.capture import CodeCapture
 from mlflow_fullmodel.storage.imports import import_steps
 from mlflow_fullmodel.storage.integrity import Manifest, confined_path, read_verified, verify_manifest, write_manifest
-from mlflow_fullmodel.transform import Artifact, Configurable, Param
+from mlflow_fullmodel.transform import Artifact, Configurable, Param, Transform
 
 __all__ = ["FORMAT_VERSION", "SPEC_FILE", "GOLDEN_FILE", "Golden", "load_fullmodel", "read_spec", "save_fullmodel"]
 
@@ -127,7 +129,7 @@ def _slug(label: str, step: Configurable) -> str:
 
 def _encode_config(step: Configurable, label: str, plan: _Plan) -> dict[str, Any]:
     step.check_attributes()
-    encoded = {}
+    encoded: dict[str, Any] = {}
     for name, value in step.get_config().items():
         where = f"{label} {type(step).__name__}, argument '{name}'"
         if isinstance(value, Artifact):
@@ -377,11 +379,11 @@ def load_fullmodel(
         for name, entry in spec["modules"].items()
     }
     return FullModel(
-        [steps[f"preprocess[{i}]"] for i in range(len(spec["preprocess"]))],
+        [_step_of(steps, f"preprocess[{i}]", Transform) for i in range(len(spec["preprocess"]))],
         modules,
-        [steps[f"postprocess[{i}]"] for i in range(len(spec["postprocess"]))],
-        forward=steps["forward"],
-        collate=steps["collate"],
+        [_step_of(steps, f"postprocess[{i}]", Transform) for i in range(len(spec["postprocess"]))],
+        forward=_step_of(steps, "forward", ForwardStrategy),
+        collate=_step_of(steps, "collate", Collate),
         input_columns=spec["input_columns"],
         batch_size=spec["batch_size"],
         device=device,
@@ -425,3 +427,17 @@ def other_value(param: Param, current: Any) -> bool | int | float | str | None:
         ):
             return value
     return None
+
+
+_Step = TypeVar("_Step", bound=Configurable)
+
+
+def _step_of(steps: Mapping[str, Configurable], label: str, kind: type[_Step]) -> _Step:
+    """The loaded step ``label``, which must be a ``kind`` (a Transform, ForwardStrategy or Collate)."""
+    step = steps[label]
+    if not isinstance(step, kind):
+        raise ModelFormatError(
+            f"The spec's {label} step is a {type(step).__name__}, not a {kind.__name__}; the model's "
+            "spec does not describe a FullModel this version can build."
+        )
+    return step

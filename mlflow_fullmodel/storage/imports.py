@@ -57,15 +57,15 @@ def import_steps(targets: Mapping[str, str], code_dir: str | None) -> dict[str, 
     with _IMPORT_LOCK:
         saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in names}
         dont_write_bytecode = sys.dont_write_bytecode
-        if names:
-            sys.path.insert(0, code_dir)  # type: ignore[arg-type]
+        if names and code_dir:  # names are the modules found in code_dir
+            sys.path.insert(0, code_dir)
             sys.dont_write_bytecode = True  # keep the model folder exactly as hashed
             importlib.invalidate_caches()
         try:
             return {label: _step_class(label, target, _resolve(target), allowed) for label, target in targets.items()}
         finally:
-            if names:
-                sys.path.remove(code_dir)  # type: ignore[arg-type]
+            if names and code_dir:
+                sys.path.remove(code_dir)
                 sys.dont_write_bytecode = dont_write_bytecode
                 for key in [k for k in sys.modules if k.split(".")[0] in names]:
                     del sys.modules[key]

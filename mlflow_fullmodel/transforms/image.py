@@ -23,7 +23,7 @@ import io
 import math
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import torch
@@ -76,11 +76,19 @@ class DecodeImage(Transform):
 
     Example::
 
-        DecodeImage(mode="L")(open("digit.png", "rb").read())
-        # <PIL.Image.Image image mode=L size=40x40>
+        >>> import io
+        >>> from PIL import Image
+        >>> file = io.BytesIO()
+        >>> Image.new("RGB", (64, 48), "white").save(file, format="PNG")
+        >>> png_bytes = file.getvalue()
+        >>> DecodeImage(mode="L")(png_bytes)
+        <PIL.Image.Image image mode=L size=64x48...>
     """
 
     requirements = ("pillow",)
+
+    mode: str
+    max_pixels: int
 
     def __init__(self, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if mode not in IMAGE_MODES:
@@ -92,6 +100,7 @@ class DecodeImage(Transform):
         from PIL import Image, UnidentifiedImageError
 
         raw = _image_bytes(data)
+        image: PILImage.Image  # a file's image, replaced by its 8-bit copy for 16-bit files
         try:
             image = Image.open(io.BytesIO(raw))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -192,11 +201,19 @@ class Resize(Transform):
 
     Example::
 
-        Resize(32)(image)          # 64x48 (width x height) -> 42x32
-        Resize([28, 28])(image)    # -> 28x28
+        >>> from PIL import Image
+        >>> image = Image.new("RGB", (64, 48))      # width x height
+        >>> Resize(32)(image).size
+        (42, 32)
+        >>> Resize([28, 28])(image).size
+        (28, 28)
     """
 
     requirements = ("pillow",)
+
+    size: int | list[int]
+    interpolation: str
+    max_pixels: int
 
     def __init__(self, size: int | list[int], interpolation: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         _check_size("Resize", size)
@@ -243,8 +260,15 @@ class CenterCrop(Transform):
 
     Example::
 
-        CenterCrop(28)(Resize(32)(image))      # 32x32 -> the centre 28x28
+        >>> from PIL import Image
+        >>> CenterCrop(28)(Image.new("RGB", (32, 32))).size
+        (28, 28)
+        >>> CenterCrop([2, 3])(torch.arange(16).reshape(1, 4, 4))
+        tensor([[[ 4,  5,  6],
+                 [ 8,  9, 10]]])
     """
+
+    size: int | list[int]
 
     def __init__(self, size: int | list[int]) -> None:
         _check_size("CenterCrop", size)
@@ -280,10 +304,17 @@ class RandomCrops(Transform):
 
     Example::
 
-        crops = RandomCrops(28, tta=Param(8, minimum=1, maximum=64), seed=Param(0))
-        crops(torch.rand(1, 32, 32), tta=4, seed=7).shape
-        # torch.Size([4, 1, 28, 28])
+        >>> crops = RandomCrops(28, tta=Param(8, minimum=1, maximum=64), seed=Param(0))
+        >>> image = torch.rand(1, 32, 32)
+        >>> crops(image, tta=4, seed=7).shape
+        torch.Size([4, 1, 28, 28])
+        >>> torch.equal(crops(image, tta=4, seed=7), crops(image, tta=4, seed=7))
+        True
     """
+
+    size: int | list[int]
+    tta: int | Param
+    seed: int | Param
 
     def __init__(self, size: int | list[int], tta: int | Param = 8, seed: int | Param = 0) -> None:
         _check_size("RandomCrops", size)
@@ -337,8 +368,14 @@ class ToTensor(Transform):
 
     Example::
 
-        ToTensor()(DecodeImage(mode="RGB")(png_bytes)).shape
-        # torch.Size([3, 40, 40])
+        >>> import io
+        >>> from PIL import Image
+        >>> file = io.BytesIO()
+        >>> Image.new("RGB", (64, 48), "white").save(file, format="PNG")
+        >>> png_bytes = file.getvalue()
+        >>> pixels = ToTensor()(DecodeImage(mode="RGB")(png_bytes))
+        >>> pixels.shape, pixels.max().item()
+        (torch.Size([3, 48, 64]), 1.0)
     """
 
     requirements = ("pillow",)
@@ -371,8 +408,14 @@ class NormalizeImage(Transform):
 
     Example::
 
-        NormalizeImage(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])(torch.rand(3, 8, 8))
+        >>> normalize = NormalizeImage(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+        >>> normalize(torch.full((3, 2, 2), 0.75))[0]
+        tensor([[1., 1.],
+                [1., 1.]])
     """
+
+    mean: list[float]
+    std: list[float]
 
     def __init__(self, mean: list[float], std: list[float]) -> None:
         for name, values in (("mean", mean), ("std", std)):
@@ -413,7 +456,7 @@ class NormalizeImage(Transform):
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -31,9 +31,15 @@ class TopK(Transform):
 
     Example::
 
-        TopK(labels=["neg", "pos"], k=Param(1))(torch.tensor([0.2, 1.3]), k=2)
-        # {'label': 'pos', 'probability': 0.75, 'top_labels': ['pos', 'neg'], ...}
+        >>> top = TopK(labels=["neg", "pos"], k=Param(1))
+        >>> answer = top(torch.tensor([0.2, 1.3]), k=2)
+        >>> answer["label"], round(answer["probability"], 3), answer["top_labels"]
+        ('pos', 0.75, ['pos', 'neg'])
     """
+
+    labels: list[str]
+    k: int | Param
+    softmax: bool
 
     def __init__(self, labels: list[str], k: int | Param = 1, softmax: bool = True) -> None:
         if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(x, str) for x in labels):
@@ -45,7 +51,7 @@ class TopK(Transform):
     def __call__(self, scores: torch.Tensor, **params: Any) -> dict[str, Any]:
         return self.batch([scores], **params)[0]
 
-    def batch(self, rows: list[torch.Tensor], **params: Any) -> list[dict[str, Any]]:
+    def batch(self, rows: list[torch.Tensor], /, **params: Any) -> list[dict[str, Any]]:
         k = params.get("k", self.k.default if isinstance(self.k, Param) else self.k)
         if not 1 <= k <= len(self.labels):
             raise ParamError(f"Parameter 'k' must be from 1 to {len(self.labels)}, got {k}.")

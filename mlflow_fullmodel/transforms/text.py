@@ -34,11 +34,24 @@ class SentencePieceEncode(Transform):
 
     Example::
 
-        SentencePieceEncode(Artifact("spm.model"), max_length=128)("What a film!")
-        # tensor([ 45, 312,   9,  77])
+        >>> import sentencepiece
+        >>> sentencepiece.SentencePieceTrainer.train(     # a tiny tokenizer, written to spm.model
+        ...     sentence_iterator=iter(["what a film", "a dull film", "what a plot"] * 20),
+        ...     model_prefix="spm", vocab_size=20, hard_vocab_limit=False, minloglevel=2)
+        >>> encode = SentencePieceEncode(Artifact("spm.model"), max_length=128)
+        >>> ids = encode("what a film")
+        >>> ids.dtype, ids.dim()
+        (torch.int64, 1)
+        >>> len(SentencePieceEncode(Artifact("spm.model"), max_length=2)("what a dull film"))
+        2
     """
 
     requirements = ("sentencepiece",)
+
+    model_file: Artifact
+    max_length: int
+    add_bos: bool
+    add_eos: bool
 
     def __init__(
         self, model_file: Artifact, max_length: int = 512, add_bos: bool = False, add_eos: bool = False
@@ -64,7 +77,7 @@ class SentencePieceEncode(Transform):
             raise InputError(f"expected a string, got {type(text).__name__}")
         return self._finish(self._processor.EncodeAsIds(text))
 
-    def batch(self, texts: list[str]) -> list[torch.Tensor]:
+    def batch(self, texts: list[str], /, **params: Any) -> list[torch.Tensor]:
         if not all(isinstance(text, str) for text in texts):
             raise InputError("expected strings")  # FullModel retries row by row to name the row
         # One tensor for all ids, split into per-row views instead of a tensor built per row.
@@ -120,11 +133,20 @@ class SentencePieceDecode(Transform):
 
     Example::
 
-        SentencePieceDecode(Artifact("target.model"))([([45, 312], -0.3), ([45, 9], -1.2)])
-        # {'translation': 'forty-two', 'candidates': ['forty-two', 'forty-nine'], 'scores': [-0.3, -1.2]}
+        >>> import sentencepiece
+        >>> sentencepiece.SentencePieceTrainer.train(     # a tiny tokenizer, written to spm.model
+        ...     sentence_iterator=iter(["what a film", "a dull film", "what a plot"] * 20),
+        ...     model_prefix="spm", vocab_size=20, hard_vocab_limit=False, minloglevel=2)
+        >>> encode = SentencePieceEncode(Artifact("spm.model"))
+        >>> candidates = [(encode("what a film"), -0.3), (encode("a dull film"), -1.2)]
+        >>> SentencePieceDecode(Artifact("spm.model"))(candidates)
+        {'translation': 'what a film', 'candidates': ['what a film', 'a dull film'], 'scores': [-0.3, -1.2]}
     """
 
     requirements = ("sentencepiece",)
+
+    model_file: Artifact
+    column: str
 
     def __init__(self, model_file: Artifact, column: str = "translation") -> None:
         if not isinstance(model_file, Artifact):
