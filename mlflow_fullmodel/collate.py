@@ -54,6 +54,9 @@ class PadCollate(Collate):
     Args:
         pad_value: The value written into padded positions (the tokenizer's pad id for token ids).
         pad_side: "right" to append padding after the tokens, "left" to put it before them.
+        length: Pad every batch to this length instead of its longest example: for a module that
+            takes one sequence length only (a recurrent network exported with torch.export). Set
+            it to the tokenizer's ``max_length``; a longer example is an ``InputError``.
 
     Example::
 
@@ -67,10 +70,13 @@ class PadCollate(Collate):
 
     pad_value: int | float
     pad_side: str
+    length: int | None
 
-    def __init__(self, pad_value: int | float = 0, pad_side: str = "right") -> None:
+    def __init__(self, pad_value: int | float = 0, pad_side: str = "right", length: int | None = None) -> None:
         if pad_side not in ("right", "left"):
             raise ValueError(f"PadCollate: pad_side must be 'right' or 'left', got {pad_side!r}.")
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+            raise ValueError(f"PadCollate: length must be None or an int >= 1, got {length!r}.")
 
     def __call__(self, examples: Sequence[Any]) -> Batch:
         if all(type(e) is torch.Tensor and e.dim() == 1 for e in examples):
@@ -81,11 +87,12 @@ class PadCollate(Collate):
 
     def _pad_rows(self, rows: Sequence[torch.Tensor]) -> Batch:
         sizes = np.fromiter((row.shape[0] for row in rows), dtype=np.int64, count=len(rows))
+        width = self._width(int(sizes.max(initial=0)))
         flat = torch.cat(list(rows))
         if flat.dtype in _NUMPY_DTYPES and flat.device.type == "cpu":
             # One masked assignment in numpy instead of a copy per row: about half the time for
             # a batch of 32 short texts.
-            positions = np.arange(sizes.max(initial=0))
+            positions = np.arange(width)
             if self.pad_side == "right":
                 real = positions < sizes[:, None]
             else:
@@ -94,12 +101,28 @@ class PadCollate(Collate):
             padded = np.full(real.shape, self.pad_value, dtype=values.dtype)
             padded[real] = values
             return Batch(torch.from_numpy(padded), torch.from_numpy(sizes))
-        return Batch(
-            torch.nn.utils.rnn.pad_sequence(
-                list(rows), batch_first=True, padding_value=self.pad_value, padding_side=self.pad_side
-            ),
-            torch.from_numpy(sizes),
+        return Batch(self._pad(list(rows), width), torch.from_numpy(sizes))
+
+    def _width(self, longest: int) -> int:
+        """The padded length of a batch whose longest example has ``longest`` positions."""
+        if self.length is None:
+            return longest
+        if longest > self.length:
+            raise InputError(
+                f"An example has {longest} positions but PadCollate pads to length={self.length}; "
+                "truncate in pre-processing (the tokenizer's max_length) to at most that."
+            )
+        return self.length
+
+    def _pad(self, tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+        out = torch.nn.utils.rnn.pad_sequence(
+            tensors, batch_first=True, padding_value=self.pad_value, padding_side=self.pad_side
         )
+        missing = width - out.shape[1]
+        if missing > 0:
+            extra = out.new_full((out.shape[0], missing, *out.shape[2:]), self.pad_value)
+            out = torch.cat([out, extra] if self.pad_side == "right" else [extra, out], dim=1)
+        return out
 
     def _collate(self, items: list[Any], where: str, lengths: list[torch.Tensor]) -> Any:
         first = items[0]
@@ -129,7 +152,7 @@ class PadCollate(Collate):
         self, tensors: list[torch.Tensor], where: str, lengths: list[torch.Tensor]
     ) -> torch.Tensor:
         shapes = {tuple(t.shape) for t in tensors}
-        if len(shapes) == 1:
+        if len(shapes) == 1 and (self.length is None or tensors[0].dim() != 1):
             if tensors[0].dim() == 1 and not lengths:
                 lengths.append(torch.full((len(tensors),), tensors[0].shape[0], dtype=torch.long))
             return torch.stack(tensors)
@@ -139,9 +162,7 @@ class PadCollate(Collate):
                 "tensors are padded. Resize or crop them to one shape in pre-processing."
             )
         sizes = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
-        out = torch.nn.utils.rnn.pad_sequence(
-            tensors, batch_first=True, padding_value=self.pad_value, padding_side=self.pad_side
-        )
+        out = self._pad(tensors, self._width(int(sizes.max())))
         if not lengths:
             lengths.append(sizes)
         return out

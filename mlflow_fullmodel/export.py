@@ -20,7 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from mlflow_fullmodel.exceptions import ConfigError
-from mlflow_fullmodel.modules import EAGER
+from mlflow_fullmodel.modules import EAGER, ModuleSet
 from mlflow_fullmodel.pipeline import FullModel
 
 __all__ = ["export_eager_modules"]
@@ -67,10 +67,27 @@ def export_eager_modules(model: FullModel, inputs: Sequence[Any], params: Mappin
                 "so it cannot be exported from it; export it yourself (torch.export.export) or script it (fm.script)."
             )
         exported[name] = export_module(name, model.modules[name], *calls[name])
+    _check_one_row(model, ModuleSet(exported), examples[0], values, eager)
     return FullModel(
         model.preprocess_steps, exported, model.postprocess_steps, forward=model.forward_strategy,
         collate=model.collate_fn, input_columns=model.input_columns, batch_size=model.batch_size, device=model.device,
     )
+
+
+def _check_one_row(model: FullModel, modules: ModuleSet, example: Any, values: Mapping[str, Any], eager: list[str]) -> None:
+    """Run the programs on one example alone: a size torch.export fixed to the traced batch's
+    (a recurrent network's sequence length, a reshape to a constant) fails here, not in serving."""
+    try:
+        with torch.inference_mode():
+            model.forward_strategy(modules, model.collate([example]), torch.device("cpu"),
+                                   **{name: values[name] for name in model.forward_strategy.params()})
+    except Exception as error:
+        raise ConfigError(
+            f"The torch.export program of module(s) {eager} fails on one row of the input example alone: "
+            f"{_first_lines(error)}. torch.export fixed a size of the traced batch: the module's code depends on "
+            "it (a recurrent layer fixes the sequence length: pad every batch to one length with "
+            "PadCollate(length=...)), or pass TorchScript instead: FullModel(module=fm.script(net))."
+        ) from error
 
 
 def _record_first_call(

@@ -288,3 +288,19 @@ def test_diff_of_the_two_versions_names_the_steps_and_configuration_that_differ(
     assert {"added seed", "added tta"} <= set(differences["params"])
     same = CliRunner().invoke(main, ["diff", f"models:/{NAME}@champion", f"models:/{NAME}/2"])
     assert same.exit_code == 0 and same.output == "no differences\n"
+
+
+def test_the_same_training_exported_with_torch_export_answers_like_the_torchscript_model(trained, tracking, models, tmp_path):
+    name = f"{NAME}-export"
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE / "train.py"), "--tiny", "--module-format", "export", "--registered-model-name",
+         name, "--tracking-uri", tracking],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=""),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for version in mlflow.MlflowClient().search_model_versions(f"name='{name}'"):
+        exported = fm.load_model(f"models:/{name}/{version.version}")
+        assert exported.modules.formats == {"main": "torch.export"}
+        scripted = models[version.tags["variant"]]
+        for batch in (PNGS[:1], PNGS[:12]):
+            pd.testing.assert_frame_equal(exported.predict(batch), scripted.predict(batch), rtol=1e-4, atol=1e-6)

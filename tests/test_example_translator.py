@@ -124,3 +124,20 @@ def test_the_served_champion_translates_raw_text_over_http_and_refuses_bad_param
             assert again.status_code == 200 and len(again.json()["predictions"]) == 1
     finally:
         stop(process)
+
+
+def test_the_same_training_exported_as_two_programs_translates_like_the_torchscript_model(trained, tracking, champion, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), "--tiny", "--module-format", "export", "--registered-model-name",
+         "example-translator-export", "--tracking-uri", tracking],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=""),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    exported = fm.load_model("models:/example-translator-export@champion")
+    assert exported.modules.formats == {"encoder": "torch.export", "decoder": "torch.export"}
+    # Same seed, same training: the programs translate as the TorchScript module does, one source
+    # alone or many in a batch, with the beam the request asks for.
+    for sources in (SOURCES[:1], SOURCES):
+        for params in ({}, {"beam_size": 1}, {"n_best": 2}):
+            got, want = exported.predict(sources, params=params), champion.predict(sources, params=params)
+            assert got["translation"].tolist() == want["translation"].tolist(), (sources, params)

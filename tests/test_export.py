@@ -96,3 +96,32 @@ def test_to_gives_a_model_whose_device_copy_leaves_the_original_answering(text_m
     with pytest.raises(Exception):
         ModuleSet({"main": scripted}).runnable("main", torch.device("meta"))  # TorchScript cannot go to meta
     assert all(p.device.type == "cpu" and torch.equal(p, w) for p, w in zip(scripted.parameters(), weights))
+
+
+class LastState(torch.nn.Module):
+    """A GRU over the ids, read at each text's last token: torch.export fixes a GRU's sequence length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(64, 8)
+        self.gru = torch.nn.GRU(8, 8, batch_first=True)
+        self.out = torch.nn.Linear(8, len(LABELS))
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        states, _ = self.gru(self.embedding(ids))
+        last = (lengths - 1).view(-1, 1, 1).expand(-1, 1, states.shape[2])
+        return self.out(states.gather(1, last).squeeze(1))
+
+
+def test_a_recurrent_module_needs_one_padded_length_and_the_error_says_so(tmp_path, text_model):
+    torch.manual_seed(0)
+    with pytest.raises(fm.ConfigError, match=r"fails on one row of the input example alone.*PadCollate\(length=\.\.\.\)"):
+        fm.save_model(plain_model(text_model, LastState()), str(tmp_path / "refused"), input_example=EXAMPLE_TEXTS)
+
+    model = fm.FullModel(text_model.preprocess_steps, LastState(), [TopK(labels=LABELS, k=len(LABELS))],
+                         collate=fm.PadCollate(length=32), batch_size=4)
+    fm.save_model(model, str(tmp_path / "model"), input_example=EXAMPLE_TEXTS)
+    loaded = fm.load_model(str(tmp_path / "model"))
+    pd.testing.assert_frame_equal(loaded.predict(EXAMPLE_TEXTS[:1]), model.predict(EXAMPLE_TEXTS[:1]), rtol=1e-5)
+    with pytest.raises(fm.InputError, match="pads to length=2; truncate"):
+        fm.FullModel(text_model.preprocess_steps, LastState(), collate=fm.PadCollate(length=2)).predict(EXAMPLE_TEXTS)

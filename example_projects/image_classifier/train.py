@@ -79,6 +79,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="builtin: mlflow_fullmodel's Resize, CenterCrop, ToTensor and NormalizeImage; "
                        "torchvision: the steps of tv_processing.py, written with torchvision.transforms.v2."
                        "functional (needs torchvision; the saved model lists it) (default: %(default)s)")
+    model.add_argument("--module-format", choices=["torchscript", "export"], default="torchscript",
+                       help="save the network as TorchScript, or as a torch.export program that log_model "
+                       "exports from the input example (default: %(default)s)")
     model.add_argument("--image-size", type=int, default=32,
                        help="Resize: the shorter side of the image (default: %(default)s)")
     model.add_argument("--crop-size", type=int, default=28,
@@ -287,6 +290,7 @@ def train_variant(
             "tta": args.tta if variant == "tta" else 1, "normalize_mean": mean, "normalize_std": std,
             "width": args.width, "epochs": args.epochs, "batch_size": args.batch_size,
             "learning_rate": args.learning_rate, "seed": args.seed, "num_threads": args.num_threads,
+            "module_format": args.module_format,
         })
         torch.manual_seed(args.seed)  # both variants start from the same weights
         net = DigitCNN(num_classes=len(LABELS), in_channels=len(mean), width=args.width)
@@ -302,7 +306,8 @@ def train_variant(
 
         model = fm.FullModel(
             preprocess=steps,
-            module=fm.script(net),
+            # A plain module is exported with torch.export by log_model, from the input example.
+            module=fm.script(net) if args.module_format == "torchscript" else net.eval(),
             forward=AverageOverSamples() if variant == "tta" else CallModule(),
             # AverageOverSamples returns probabilities already.
             postprocess=[TopK(labels=LABELS, k=fm.Param(1, minimum=1, maximum=len(LABELS)), softmax=variant != "tta")],

@@ -78,7 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--seed", type=int, default=0, help="seeds the data, the split and the "
                        "weights (default: %(default)s)")
     model.add_argument("--module-format", choices=["torchscript", "export"], default="torchscript",
-                       help="save the network as TorchScript or as a torch.export program "
+                       help="save the network as TorchScript, or as a torch.export program that "
+                       "log_model exports from the input example "
                        "(default: %(default)s)")
     model.add_argument("--num-threads", type=int, default=1,
                        help="torch CPU threads while training; a model this small trains fastest "
@@ -207,13 +208,12 @@ def fit(
 
 
 def compile_module(net: nn.Module, module_format: str) -> Any:
-    """The trained network in a form that travels without its Python class."""
+    """The trained network in a form that travels without its Python class: TorchScript, or the
+    network itself, which log_model exports with torch.export from the input example (batch and
+    text length dynamic)."""
     if module_format == "torchscript":
         return fm.script(net)  # fm.script keeps torch.jit's deprecation notice quiet
-    # One program for every batch size and text length: both dimensions are dynamic.
-    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
-    example = (torch.ones(2, 8, dtype=torch.long), torch.tensor([8, 5]))
-    return torch.export.export(net.eval(), example, dynamic_shapes=({0: batch, 1: length}, {0: batch}))
+    return net.eval()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

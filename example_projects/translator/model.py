@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Translator"]
+__all__ = ["DecodeStep", "Encode", "Translator", "entry_points"]
 
 
 class Translator(nn.Module):
@@ -77,3 +77,31 @@ class Translator(nn.Module):
             step_logits, state = self.decode_step(target_in[:, step], state, memory, src_mask)
             logits.append(step_logits)
         return torch.stack(logits, dim=1)
+
+
+class Encode(nn.Module):
+    """``Translator.encode`` as a module of its own: torch.export exports one entry point per module."""
+
+    def __init__(self, net: Translator) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, src: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        return self.net.encode(src, lengths)
+
+
+class DecodeStep(nn.Module):
+    """``Translator.decode_step`` as a module of its own."""
+
+    def __init__(self, net: Translator) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, tokens: Tensor, state: Tensor, memory: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor]:
+        return self.net.decode_step(tokens, state, memory, src_mask)
+
+
+def entry_points(net: Translator) -> dict[str, nn.Module]:
+    """The modules a FullModel holds for ``--module-format export``: log_model exports each from the
+    calls beam search makes on the input example."""
+    return {"encoder": Encode(net.eval()), "decoder": DecodeStep(net)}

@@ -36,7 +36,7 @@ import mlflow_fullmodel as fm
 from data import parallel_corpus, split
 from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
 from mlflow_fullmodel.transforms import SentencePieceDecode, SentencePieceEncode
-from model import Translator
+from model import Translator, entry_points
 from processing import NormalizeNumber
 
 _logger = logging.getLogger("translator")
@@ -48,6 +48,8 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 INPUT_COLUMN = "source"
 
 EXAMPLE_INPUTS = ["7", "42", "1,234", "8 020"]
+#: The most source tokens kept.
+SOURCE_MAX_LENGTH = 32
 
 #: Option values for --tiny: a run of a few seconds, for tests.
 TINY = {"num_examples": 1500, "epochs": 6}
@@ -78,6 +80,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--learning-rate", type=float, default=0.005, help="(default: %(default)s)")
     model.add_argument("--beam-size", type=int, default=4,
                        help="beam width saved with the model; requests may override it (default: %(default)s)")
+    model.add_argument("--module-format", choices=["torchscript", "export"], default="torchscript",
+                       help="save the network as TorchScript (one module with encode and decode_step), or "
+                       "as two torch.export programs, encoder and decoder, that log_model exports from "
+                       "the input example (default: %(default)s)")
     model.add_argument("--seed", type=int, default=0, help="seeds the data, the split and the "
                        "weights (default: %(default)s)")
     model.add_argument("--num-threads", type=int, default=1,
@@ -271,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                      os.path.join(workdir, "source"), split_digits=True)
         target_spm = train_tokenizer([t for _, t in train_pairs], args.target_vocab_size,
                                      os.path.join(workdir, "target"))
-        preprocess = [normalize, SentencePieceEncode(fm.Artifact(source_spm), max_length=32)]
+        preprocess = [normalize, SentencePieceEncode(fm.Artifact(source_spm), max_length=SOURCE_MAX_LENGTH)]
         target_encode = SentencePieceEncode(fm.Artifact(target_spm), max_length=64, add_eos=True)
         source_vocab = sentencepiece.SentencePieceProcessor(model_file=source_spm).get_piece_size()
         target_vocab = sentencepiece.SentencePieceProcessor(model_file=target_spm).get_piece_size()
@@ -290,18 +296,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "embedding_dim": args.embedding_dim, "hidden_dim": args.hidden_dim, "epochs": args.epochs,
             "batch_size": args.batch_size, "learning_rate": args.learning_rate, "beam_size": args.beam_size,
             "max_length": max_length, "seed": args.seed, "num_threads": args.num_threads,
+            "module_format": args.module_format,
         })
         try:
             fit(net, train, val, args)
             train_seconds = time.perf_counter() - started
-            scripted = fm.script(net)  # TorchScript, with encode and decode_step exported
             decode = SentencePieceDecode(fm.Artifact(target_spm))
             common = {"collate": fm.PadCollate(pad_value=PAD_ID), "input_columns": [INPUT_COLUMN]}
+            if args.module_format == "torchscript":
+                modules: Any = fm.script(net)  # TorchScript, with encode and decode_step exported
+                entry = {"encoder": "main.encode", "decoder": "main.decode_step"}
+            else:
+                modules, entry = entry_points(net), {"encoder": "encoder", "decoder": "decoder"}
+                # torch.export fixes a GRU's sequence length: every source is padded to the longest
+                # the tokenizer keeps (the encoder never reads past a source's own length).
+                common["collate"] = fm.PadCollate(pad_value=PAD_ID, length=SOURCE_MAX_LENGTH)
             model = fm.FullModel(
                 preprocess=preprocess,
-                module=scripted,
+                module=modules,
                 forward=BeamSearch(
-                    bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+                    bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, **entry,
                     beam_size=fm.Param(args.beam_size, minimum=1, maximum=32),
                     n_best=fm.Param(1, minimum=1, maximum=32),
                     max_length=fm.Param(max_length, minimum=1, maximum=256),
@@ -311,8 +325,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 **common,
             )
             greedy = fm.FullModel(
-                preprocess, scripted, [decode], **common,
-                forward=GreedySearch(bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_length=max_length),
+                preprocess, modules, [decode], **common,
+                forward=GreedySearch(bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_length=max_length, **entry),
             )
             sources, references = [s for s, _ in val_pairs], [t for _, t in val_pairs]
             val_exact_match = exact_match(greedy, sources, references)

@@ -1,0 +1,64 @@
+"""The README's "Use" section runs as written: its script in a fresh folder with MLflow's default
+tracking store, then its serve command and its request against what the script registered."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import free_port, start, stop, wait_for
+
+pytestmark = pytest.mark.slow
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def use_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## Use\n")
+    return text[start : re.compile(r"\n##+ ").search(text, start + 1).start()]
+
+
+def code_blocks(section: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.DOTALL)
+
+
+def test_the_use_section_has_one_script_and_one_serve_and_request_block():
+    section = use_section()
+    assert len(code_blocks(section, "python")) == 1 and len(code_blocks(section, "bash")) == 1
+
+
+def test_the_readme_script_trains_logs_and_registers_and_its_serve_command_answers_its_request(tmp_path):
+    section = use_section()
+    script, = code_blocks(section, "python")
+    (tmp_path / "use.py").write_text(script, encoding="utf-8")
+    # As a user runs it: a fresh folder, MLflow's default tracking store, nothing of the tests' setup.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    result = subprocess.run([sys.executable, "use.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "top_labels" in result.stdout  # the script prints its in-memory answer
+
+    lines = code_blocks(section, "bash")[0].replace("\\\n", " ").splitlines()
+    serve = shlex.split(next(line for line in lines if line.startswith("mlflow models serve")))
+    curl = shlex.split(next(line for line in lines if line.startswith("curl")))
+    port = free_port()
+    serve[serve.index("-p") + 1] = str(port)
+    process = start([sys.executable, "-m", *serve, "-h", "127.0.0.1", "-w", "1"], env, cwd=tmp_path)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", process, "the README's mlflow models serve")
+        payload = json.loads(curl[curl.index("-d") + 1])
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
+        assert answer.status_code == 200, answer.text
+        prediction, = answer.json()["predictions"]
+        assert set(prediction["top_labels"]) == {"negative", "positive"}
+        assert prediction["label"] == prediction["top_labels"][0]
+    finally:
+        stop(process)
