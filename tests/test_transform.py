@@ -36,7 +36,7 @@ def builtin_steps(spm_path: str) -> list[fm.transform.Configurable]:
         RandomCrops(8, tta=fm.Param(4, minimum=1), seed=fm.Param(7)),
         ToTensor(),
         NormalizeImage(mean=[0.5], std=[0.25]),
-        PadCollate(pad_value=3, pad_side="left"),
+        PadCollate(pad_value=3, pad_side="left", pad_values={"attention_mask": 0}),
         CallModule(module="encoder"),
         fm.AverageOverSamples(softmax=False),
         fm.GreedySearch(bos_id=1, eos_id=2, pad_id=0, max_length=fm.Param(9, minimum=1)),
