@@ -251,7 +251,7 @@ def _load(step: str, artifact: Artifact) -> Any:
         ) from None
     try:
         return tokenizers.Tokenizer.from_str(text)
-    except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+    except Exception as error:  # noqa: BLE001 -- tokenizers raises a bare Exception for a file it cannot parse
         raise ConfigError(
             f"{step}: {artifact.path!r} is not a Hugging Face tokenizers file (tokenizer.json, "
             f"as Tokenizer.save writes it): {error}"
