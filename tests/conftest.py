@@ -49,7 +49,7 @@ def hf_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=HF_SPECIAL_TOKENS)
+    trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=HF_SPECIAL_TOKENS, show_progress=False)
     tokenizer.train_from_iterator([text for text, _ in corpus(400)], trainer)
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(

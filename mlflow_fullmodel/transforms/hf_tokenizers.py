@@ -57,12 +57,33 @@ class TokenizerEncode(Transform):
 
     Example::
 
-        step = TokenizerEncode(Artifact("tokenizer.json"), max_length=128, return_attention_mask=True)
-        step("What a film!")
-        # {'input_ids': tensor([ 2, 45, 31,  9,  3]), 'attention_mask': tensor([1, 1, 1, 1, 1])}
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+        >>> tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))   # a tiny one, for the example
+        >>> tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        >>> tokenizer.train_from_iterator(["what a film", "a dull film", "what a plot"] * 20,
+        ...     trainers.WordPieceTrainer(vocab_size=40, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"],
+        ...                             show_progress=False))
+        >>> tokenizer.post_processor = processors.TemplateProcessing(
+        ...     single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        >>> tokenizer.save("tokenizer.json")
+        >>> encode = TokenizerEncode(Artifact("tokenizer.json"), max_length=128, return_attention_mask=True)
+        >>> example = encode("what a film")
+        >>> example["input_ids"].tolist() == [2, *tokenizer.encode("what a film", add_special_tokens=False).ids, 3]
+        True
+        >>> example["attention_mask"]
+        tensor([1, 1, 1, 1, 1])
+        >>> TokenizerEncode(Artifact("tokenizer.json"), max_length=3)("what a dull film").tolist()
+        [2, ..., 3]
     """
 
     requirements = ("tokenizers",)
+
+    tokenizer_file: Artifact
+    max_length: int
+    add_special_tokens: bool
+    truncation_side: str
+    return_attention_mask: bool
+    return_token_type_ids: bool
 
     def __init__(
         self,
@@ -106,7 +127,7 @@ class TokenizerEncode(Transform):
             raise InputError(f"expected a string, got {type(text).__name__}")
         return self._finish(self._tokenizer.encode(text, add_special_tokens=self.add_special_tokens))
 
-    def batch(self, texts: list[str]) -> list[torch.Tensor | dict[str, torch.Tensor]]:
+    def batch(self, texts: list[str], /, **params: Any) -> list[torch.Tensor | dict[str, torch.Tensor]]:
         if not all(isinstance(text, str) for text in texts):
             raise InputError("expected strings")  # FullModel retries row by row to name the row
         encodings = self._tokenizer.encode_batch(texts, add_special_tokens=self.add_special_tokens)
@@ -150,11 +171,24 @@ class TokenizerDecode(Transform):
 
     Example::
 
-        TokenizerDecode(Artifact("tokenizer.json"))([([45, 31], -0.3), ([45, 9], -1.2)])
-        # {'generated_text': 'great film', 'candidates': ['great film', 'great plot'], 'scores': [-0.3, -1.2]}
+        >>> from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        >>> tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))   # a tiny one, for the example
+        >>> tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        >>> tokenizer.decoder = decoders.WordPiece()
+        >>> tokenizer.train_from_iterator(["what a film", "a dull film", "what a plot"] * 20,
+        ...     trainers.WordPieceTrainer(vocab_size=40, special_tokens=["[PAD]", "[UNK]"], show_progress=False))
+        >>> tokenizer.save("tokenizer.json")
+        >>> encode = TokenizerEncode(Artifact("tokenizer.json"))
+        >>> candidates = [(encode("what a film"), -0.3), (encode("a dull plot"), -1.2)]
+        >>> TokenizerDecode(Artifact("tokenizer.json"))(candidates)
+        {'generated_text': 'what a film', 'candidates': ['what a film', 'a dull plot'], 'scores': [-0.3, -1.2]}
     """
 
     requirements = ("tokenizers",)
+
+    tokenizer_file: Artifact
+    column: str
+    skip_special_tokens: bool
 
     def __init__(
         self, tokenizer_file: Artifact, column: str = "generated_text", skip_special_tokens: bool = True
@@ -178,7 +212,7 @@ class TokenizerDecode(Transform):
     def __call__(self, candidates: Any) -> dict[str, Any]:
         return self.batch([candidates])[0]
 
-    def batch(self, examples: list[Any]) -> list[dict[str, Any]]:
+    def batch(self, examples: list[Any], /, **params: Any) -> list[dict[str, Any]]:
         rows = [self._candidates(candidates) for candidates in examples]
         texts = iter(
             self._tokenizer.decode_batch(
