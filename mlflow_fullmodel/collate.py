@@ -54,6 +54,9 @@ class PadCollate(Collate):
     Args:
         pad_value: The value written into padded positions (the tokenizer's pad id for token ids).
         pad_side: "right" to append padding after the tokens, "left" to put it before them.
+        pad_values: Pad values by key, for examples that are dicts whose members need different
+            padding (token ids padded with the pad id, an ``attention_mask`` with 0); a key not
+            listed takes ``pad_value``.
         length: Pad every batch to this length instead of its longest example: for a module that
             takes one sequence length only (a recurrent network exported with torch.export). Set
             it to the tokenizer's ``max_length``; a longer example is an ``InputError``.
@@ -66,15 +69,37 @@ class PadCollate(Collate):
                 [8, 0, 0]])
         >>> batch.lengths
         tensor([3, 1])
+        >>> mixed = PadCollate(pad_value=3, pad_values={"attention_mask": 0})(
+        ...     [{"input_ids": torch.tensor([5, 6]), "attention_mask": torch.tensor([1, 1])},
+        ...      {"input_ids": torch.tensor([8]), "attention_mask": torch.tensor([1])}])
+        >>> mixed.inputs["input_ids"], mixed.inputs["attention_mask"]
+        (tensor([[5, 6],
+                [8, 3]]), tensor([[1, 1],
+                [1, 0]]))
     """
 
     pad_value: int | float
     pad_side: str
+    pad_values: dict[str, int | float] | None
     length: int | None
 
-    def __init__(self, pad_value: int | float = 0, pad_side: str = "right", length: int | None = None) -> None:
+    def __init__(
+        self,
+        pad_value: int | float = 0,
+        pad_side: str = "right",
+        pad_values: dict[str, int | float] | None = None,
+        length: int | None = None,
+    ) -> None:
         if pad_side not in ("right", "left"):
             raise ValueError(f"PadCollate: pad_side must be 'right' or 'left', got {pad_side!r}.")
+        if pad_values is not None and not (
+            isinstance(pad_values, dict)
+            and all(isinstance(k, str) and _is_number(v) for k, v in pad_values.items())
+        ):
+            raise ValueError(
+                "PadCollate: pad_values must be a dict of key names to numbers, e.g. "
+                f"{{'attention_mask': 0}}, got {pad_values!r}."
+            )
         if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
             raise ValueError(f"PadCollate: length must be None or an int >= 1, got {length!r}.")
 
@@ -82,7 +107,7 @@ class PadCollate(Collate):
         if all(type(e) is torch.Tensor and e.dim() == 1 for e in examples):
             return self._pad_rows(examples)  # the common case (token ids), without the walk below
         lengths: list[torch.Tensor] = []
-        inputs = self._collate(list(examples), "example", lengths)
+        inputs = self._collate(list(examples), "example", lengths, self.pad_value)
         return Batch(inputs, lengths[0] if lengths else None)
 
     def _pad_rows(self, rows: Sequence[torch.Tensor]) -> Batch:
@@ -101,7 +126,7 @@ class PadCollate(Collate):
             padded = np.full(real.shape, self.pad_value, dtype=values.dtype)
             padded[real] = values
             return Batch(torch.from_numpy(padded), torch.from_numpy(sizes))
-        return Batch(self._pad(list(rows), width), torch.from_numpy(sizes))
+        return Batch(self._pad(list(rows), width, self.pad_value), torch.from_numpy(sizes))
 
     def _width(self, longest: int) -> int:
         """The padded length of a batch whose longest example has ``longest`` positions."""
@@ -114,17 +139,15 @@ class PadCollate(Collate):
             )
         return self.length
 
-    def _pad(self, tensors: list[torch.Tensor], width: int) -> torch.Tensor:
-        out = torch.nn.utils.rnn.pad_sequence(
-            tensors, batch_first=True, padding_value=self.pad_value, padding_side=self.pad_side
-        )
+    def _pad(self, tensors: list[torch.Tensor], width: int, pad: int | float) -> torch.Tensor:
+        out = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad, padding_side=self.pad_side)
         missing = width - out.shape[1]
         if missing > 0:
-            extra = out.new_full((out.shape[0], missing, *out.shape[2:]), self.pad_value)
+            extra = out.new_full((out.shape[0], missing, *out.shape[2:]), pad)
             out = torch.cat([out, extra] if self.pad_side == "right" else [extra, out], dim=1)
         return out
 
-    def _collate(self, items: list[Any], where: str, lengths: list[torch.Tensor]) -> Any:
+    def _collate(self, items: list[Any], where: str, lengths: list[torch.Tensor], pad: int | float) -> Any:
         first = items[0]
         if isinstance(first, dict):
             keys = list(first)
@@ -134,7 +157,11 @@ class PadCollate(Collate):
                         f"Cannot batch {where}: row {index} has keys {_describe_keys(item)}, "
                         f"row 0 has {keys}."
                     )
-            return {k: self._collate([item[k] for item in items], f"{where}[{k!r}]", lengths) for k in keys}
+            by_key = self.pad_values or {}
+            return {
+                k: self._collate([item[k] for item in items], f"{where}[{k!r}]", lengths, by_key.get(k, pad))
+                for k in keys
+            }
         if isinstance(first, (tuple, list)) and not _is_number_list(first):
             for index, item in enumerate(items):
                 if not isinstance(item, (tuple, list)) or len(item) != len(first):
@@ -142,14 +169,14 @@ class PadCollate(Collate):
                         f"Cannot batch {where}: row {index} is not a sequence of {len(first)} items."
                     )
             return tuple(
-                self._collate([item[i] for item in items], f"{where}[{i}]", lengths)
+                self._collate([item[i] for item in items], f"{where}[{i}]", lengths, pad)
                 for i in range(len(first))
             )
         tensors = [_as_tensor(item, where, index) for index, item in enumerate(items)]
-        return self._pad_or_stack(tensors, where, lengths)
+        return self._pad_or_stack(tensors, where, lengths, pad)
 
     def _pad_or_stack(
-        self, tensors: list[torch.Tensor], where: str, lengths: list[torch.Tensor]
+        self, tensors: list[torch.Tensor], where: str, lengths: list[torch.Tensor], pad: int | float
     ) -> torch.Tensor:
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) == 1 and (self.length is None or tensors[0].dim() != 1):
@@ -162,10 +189,14 @@ class PadCollate(Collate):
                 "tensors are padded. Resize or crop them to one shape in pre-processing."
             )
         sizes = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
-        out = self._pad(tensors, self._width(int(sizes.max())))
+        out = self._pad(tensors, self._width(int(sizes.max())), pad)
         if not lengths:
             lengths.append(sizes)
         return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_number_list(value: Any) -> bool:

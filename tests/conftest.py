@@ -33,6 +33,35 @@ def spm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     return train_tokenizer([text for text, _ in corpus(400)], str(folder / "spm"))
 
 
+#: The special tokens of ``hf_tokenizer_path``, by id: the pad id is not 0, so that padding the
+#: ids and padding the attention mask take different values.
+HF_SPECIAL_TOKENS = ["[UNK]", "[PAD]", "[CLS]", "[SEP]"]
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A WordPiece ``tokenizer.json`` trained here with Hugging Face ``tokenizers`` (lower-casing,
+    ``[CLS] text [SEP]`` added), its padding and truncation saved on, as ``Tokenizer.save`` keeps
+    them: the steps must replace both."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=HF_SPECIAL_TOKENS, show_progress=False)
+    tokenizer.train_from_iterator([text for text, _ in corpus(400)], trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]", length=40)
+    tokenizer.enable_truncation(6)
+    path = tmp_path_factory.mktemp("hf-tokenizer") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def scripted_net() -> torch.jit.ScriptModule:
     torch.manual_seed(0)

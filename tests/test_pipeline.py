@@ -190,6 +190,20 @@ class TestPadCollate:
         assert batch.inputs["image"].shape == (2, 3, 2, 2)
         assert batch.inputs["ids"].tolist() == [[1, 2], [3, 0]]
 
+    def test_members_of_dict_examples_take_their_own_pad_value_when_one_is_given(self):
+        rows = [{"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.ones(3, dtype=torch.long)},
+                {"input_ids": torch.tensor([8]), "attention_mask": torch.ones(1, dtype=torch.long)}]
+        for side, ids, mask in (("right", [8, 3, 3], [1, 0, 0]), ("left", [3, 3, 8], [0, 0, 1])):
+            batch = PadCollate(pad_value=3, pad_side=side, pad_values={"attention_mask": 0})(rows)
+            assert batch.inputs["input_ids"].tolist() == [[5, 6, 7], ids]
+            assert batch.inputs["attention_mask"].tolist() == [[1, 1, 1], mask]
+            assert batch.lengths.tolist() == [3, 1]
+
+    @pytest.mark.parametrize("pad_values", [[0], {"attention_mask": "0"}, {"attention_mask": True}, {1: 0}])
+    def test_pad_values_that_are_not_numbers_by_key_are_refused(self, pad_values):
+        with pytest.raises(ValueError, match="PadCollate: pad_values must be a dict of key names to numbers"):
+            PadCollate(pad_values=pad_values)
+
     def test_examples_of_different_structure_are_refused_naming_the_row(self):
         with pytest.raises(fm.InputError, match=r"row 1 has keys \['a'\], row 0 has \['a', 'b'\]"):
             PadCollate()([{"a": torch.tensor([1]), "b": torch.tensor([2])}, {"a": torch.tensor([1])}])

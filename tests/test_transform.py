@@ -19,16 +19,21 @@ from mlflow_fullmodel.transforms import (
     Resize,
     SentencePieceDecode,
     SentencePieceEncode,
+    TokenizerDecode,
+    TokenizerEncode,
     ToTensor,
     TopK,
 )
 
 
-def builtin_steps(spm_path: str) -> list[fm.transform.Configurable]:
+def builtin_steps(spm_path: str, hf_tokenizer_path: str) -> list[fm.transform.Configurable]:
     """One configured instance of every built-in step; a new built-in belongs here."""
     return [
         SentencePieceEncode(fm.Artifact(spm_path), max_length=8, add_bos=True, add_eos=True),
         SentencePieceDecode(fm.Artifact(spm_path), column="summary"),
+        TokenizerEncode(fm.Artifact(hf_tokenizer_path), max_length=9, truncation_side="left",
+                        return_attention_mask=True, return_token_type_ids=True),
+        TokenizerDecode(fm.Artifact(hf_tokenizer_path), column="summary", skip_special_tokens=False),
         TopK(labels=["a", "b", "c"], k=fm.Param(2)),
         DecodeImage(mode="L", max_pixels=10_000),
         Resize([20, 30], interpolation="nearest"),
@@ -36,7 +41,7 @@ def builtin_steps(spm_path: str) -> list[fm.transform.Configurable]:
         RandomCrops(8, tta=fm.Param(4, minimum=1), seed=fm.Param(7)),
         ToTensor(),
         NormalizeImage(mean=[0.5], std=[0.25]),
-        PadCollate(pad_value=3, pad_side="left"),
+        PadCollate(pad_value=3, pad_side="left", pad_values={"attention_mask": 0}),
         CallModule(module="encoder"),
         fm.AverageOverSamples(softmax=False),
         fm.GreedySearch(bos_id=1, eos_id=2, pad_id=0, max_length=fm.Param(9, minimum=1)),
@@ -44,15 +49,15 @@ def builtin_steps(spm_path: str) -> list[fm.transform.Configurable]:
     ]
 
 
-def test_every_builtin_step_module_is_listed_in_the_contract_check(spm_path):
+def test_every_builtin_step_module_is_listed_in_the_contract_check(spm_path, hf_tokenizer_path):
     import mlflow_fullmodel.transforms as builtins
 
-    listed = {type(step).__name__ for step in builtin_steps(spm_path)}
+    listed = {type(step).__name__ for step in builtin_steps(spm_path, hf_tokenizer_path)}
     assert set(builtins.__all__) <= listed
 
 
-def test_every_builtin_step_round_trips_through_json_to_an_equal_step(spm_path, tmp_path):
-    for step in builtin_steps(spm_path):
+def test_every_builtin_step_round_trips_through_json_to_an_equal_step(spm_path, hf_tokenizer_path, tmp_path):
+    for step in builtin_steps(spm_path, hf_tokenizer_path):
         rebuilt = round_trip(step, tmp_path)
         assert type(rebuilt) is type(step)
         assert plain_config(rebuilt) == plain_config(step)

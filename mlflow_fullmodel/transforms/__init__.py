@@ -1,5 +1,6 @@
 """Built-in transforms. Each is one configured step with one job."""
 
+from mlflow_fullmodel.transforms.hf_tokenizers import TokenizerDecode, TokenizerEncode
 from mlflow_fullmodel.transforms.image import (
     CenterCrop,
     DecodeImage,
@@ -20,5 +21,7 @@ __all__ = [
     "SentencePieceDecode",
     "SentencePieceEncode",
     "ToTensor",
+    "TokenizerDecode",
+    "TokenizerEncode",
     "TopK",
 ]
