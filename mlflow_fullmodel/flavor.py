@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -78,6 +79,8 @@ from mlflow_fullmodel.storage.integrity import Manifest, confined_path, verify_m
 __all__ = ["FLAVOR_NAME", "get_default_pip_requirements", "load_model", "log_model", "save_model"]
 
 _logger = logging.getLogger(__name__)
+#: What log_model tells its user, through MLflow's own log handler (INFO, on stderr, by default).
+_announce = logging.getLogger("mlflow.fullmodel")
 
 FLAVOR_NAME = "fullmodel"
 _DATA_SUBPATH = "fullmodel"
@@ -182,7 +185,12 @@ def save_model(
         )
         if check_parity:
             assert rows is not None  # refused above: the check needs an input example
+            started = time.perf_counter()
             check_parity_of(path, preprocess_digests(fullmodel, rows))
+            _announce.info(
+                "Parity check passed in %.1f s: the saved model, reloaded in a clean process, reproduces its %d "
+                "example row(s), alone and in padded batches.", time.perf_counter() - started, len(rows),
+            )
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
@@ -433,6 +441,8 @@ def log_model(
     finally:
         _SAVED.reset(token)
     record_digest(info, saved[-1].manifest, registered_model_name, description=saved[-1].summary)
+    _announce.info("Model card: %s/%s (shown in the MLflow UI with the logged model's artifacts).",
+                   info.model_uri, CARD_FILE)
     return info
 
 

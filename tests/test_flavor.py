@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -304,3 +305,26 @@ class TestServerWorkers:
         assert child.stdout.strip() == "2", child.stderr
         alone = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
         assert alone.stdout.strip() == "1"
+
+
+def test_log_model_says_by_default_that_parity_passed_and_where_the_card_is(tmp_path, spm_path):
+    # A user's script, as they run it: no logging set up, MLflow's own log output.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import mlflow
+        import mlflow_fullmodel as fm
+        from sample_steps import LABELS, BagOfIds, Normalize
+        from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
+
+        model = fm.FullModel([Normalize(), SentencePieceEncode(fm.Artifact({spm_path!r}), max_length=32)],
+                             fm.script(BagOfIds(64, 2)), [TopK(labels=LABELS)])
+        mlflow.set_tracking_uri("sqlite:///" + {str(tmp_path / "mlflow.db")!r})
+        with mlflow.start_run():
+            fm.log_model(model, name="model", input_example=["a fine film", "dull"])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"INFO mlflow\.fullmodel: Parity check passed in \d+\.\d s: .* reproduces its 2 example row\(s\)",
+                     result.stderr)
+    assert re.search(r"INFO mlflow\.fullmodel: Model card: models:/m-\w+/MODEL_CARD\.md", result.stderr)

@@ -45,6 +45,9 @@ def test_the_readme_script_trains_logs_and_registers_and_its_serve_command_answe
     result = subprocess.run([sys.executable, "use.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "top_labels" in result.stdout  # the script prints its in-memory answer
+    # The picture in the README is the one this model carries.
+    picture, = (tmp_path / "mlruns").rglob("pipeline.svg")
+    assert picture.read_text() == (README.parent / "docs" / "pipeline.svg").read_text()
 
     lines = code_blocks(section, "bash")[0].replace("\\\n", " ").splitlines()
     serve = shlex.split(next(line for line in lines if line.startswith("mlflow models serve")))
