@@ -134,9 +134,14 @@ class Guard:
             return (f"The JSON body is nested {depth} levels deep, over the limit of {self.max_json_depth} "
                     "(mlflow-fullmodel serve --max-json-depth).")
         try:
-            payload = json.loads(body)
+            payload = json.loads(body, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as error:
+            return str(error)
         except (ValueError, RecursionError) as error:  # invalid UTF-8 or JSON, an integer of 5,000 digits
             return f"The body is not valid JSON: {sanitized(str(error))[:300]}"
+        null = _first_null(payload)
+        if null is not None:
+            return null
         given = payload.get("params") if isinstance(payload, dict) else None
         if given is not None:
             if not isinstance(given, dict):
@@ -145,6 +150,46 @@ class Guard:
             if unknown:
                 return f"Unknown parameter(s) {unknown}. Valid parameters are: {self.params}."
         return None
+
+
+def _first_null(payload: Any) -> str | None:
+    """A message naming the first null value among the request's rows: MLflow's server turns a null
+    into the text "None" (``inputs``, ``instances``) or fails to convert its column without
+    naming the row, before the model sees it."""
+    if not isinstance(payload, dict):
+        return None
+    for key, rows in payload.items():
+        if key == "dataframe_split" and isinstance(rows, dict):
+            columns, data = rows.get("columns"), rows.get("data")
+            if isinstance(columns, list) and isinstance(data, list):
+                rows = [dict(zip(columns, row)) if isinstance(row, list) else row for row in data]
+        if isinstance(rows, dict) and key in ("inputs", "instances"):  # columns: {"text": [...]}
+            length = max((len(v) for v in rows.values() if isinstance(v, list)), default=0)
+            rows = [{c: v[i] if i < len(v) else None for c, v in rows.items() if isinstance(v, list)} for i in range(length)]
+        if key not in ("dataframe_records", "dataframe_split", "inputs", "instances") or not isinstance(rows, list):
+            continue
+        for index, row in enumerate(rows):
+            if row is None:
+                return f"Row {index} of \"{key}\" is null: value is missing (null)."
+            if isinstance(row, dict):
+                for column, value in row.items():
+                    if value is None:
+                        return f"Row {index}, column {sanitized(str(column))[:100]!r}: value is missing (null)."
+    return None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused if a key repeats: JSON parsers disagree on which value wins."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(f"The JSON body has the key {sanitized(key)[:100]!r} twice in one object; send it once.")
+        result[key] = value
+    return result
 
 
 def _error_of(payload: bytes, status: int) -> tuple[str, str]:

@@ -13,18 +13,25 @@ import gc
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import (
+    DEADLINE_EXCEEDED,
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    TEMPORARILY_UNAVAILABLE,
+)
 
 from mlflow_fullmodel.batching import MicroBatcher
-from mlflow_fullmodel.exceptions import DeadlineError, InputError, ModelError, ParamError
+from mlflow_fullmodel.exceptions import DeadlineError, FullModelError, InputError, ModelError, ParamError
 from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, brief, records_frame
 
 __all__ = ["SETTINGS", "RequestLimits", "ServedModel", "ServingError", "default_thread_count", "serve", "serving_config", "set_thread_count", "tune_scoring_server"]
@@ -71,8 +78,9 @@ class RequestLimits:
     max_samples: int
     binary_columns: frozenset[str] = frozenset()
 
-    def check(self, data: Any, samples_per_row: int = 1) -> None:
-        """Raise ``InputError`` naming the limit, the value and how to raise it."""
+    def check(self, data: Any, samples_per_row: int = 1) -> int:
+        """The samples the request makes (rows x samples per row; 0 if its rows cannot be counted);
+        raise ``InputError`` naming the limit, the value and how to raise it."""
         rows = len(data) if isinstance(data, (pd.DataFrame, list, tuple)) else None
         if rows is not None and rows > self.max_rows:
             raise InputError(_over("max_rows", self.max_rows, f"the request has {rows} rows", "send fewer rows per request"))
@@ -80,8 +88,9 @@ class RequestLimits:
             raise InputError(_over("max_samples", self.max_samples,
                                    f"the request makes {rows} rows x {samples_per_row} samples = {rows * samples_per_row} "
                                    "samples", "send fewer rows, or fewer samples per row (a smaller tta)"))
+        samples = (rows or 0) * samples_per_row
         if not isinstance(data, pd.DataFrame):
-            return
+            return samples
         for column, series in data.items():
             if series.dtype.kind not in "OSU" and str(series.dtype) not in ("str", "string"):
                 continue
@@ -96,12 +105,66 @@ class RequestLimits:
                         raise InputError(_over("max_text_chars", self.max_text_chars,
                                                f"row {row}, column '{column}' has {len(value)} characters",
                                                "send shorter texts"))
+                    if not value.isascii():
+                        _check_unicode(value, row, str(column))
                     continue
                 else:
                     continue
                 if size > self.max_bytes:
                     raise InputError(_over("max_bytes", self.max_bytes, f"row {row}, column '{column}' holds {size} bytes",
                                            "send smaller files"))
+        return samples
+
+
+class ServerBusy(FullModelError):
+    """As many heavy requests as the server admits at once are running already."""
+
+
+class Admission:
+    """How many heavy requests (over ``heavy_samples`` samples) run at once: at most
+    ``max_heavy_requests``, so that a light request always finds a free thread.
+
+    MLflow's scoring server runs each request in asyncio's default thread pool (cores + 4
+    threads, at most 32); heavy requests that filled it would keep every light one waiting for
+    as long as their own work takes. A heavy request over the bound is refused at once (HTTP 503,
+    to retry), not queued: a queued request would hold a pool thread while it waits.
+    """
+
+    def __init__(self, heavy_samples: int, max_heavy_requests: int) -> None:
+        self.heavy_samples = heavy_samples
+        self.max_heavy_requests = max_heavy_requests
+        self._slots = threading.BoundedSemaphore(max_heavy_requests)
+
+    @contextmanager
+    def admit(self, samples: int) -> Iterator[None]:
+        if samples <= self.heavy_samples:
+            yield
+            return
+        if not self._slots.acquire(blocking=False):
+            raise ServerBusy(_over(
+                "max_heavy_requests", self.max_heavy_requests,
+                f"the server is running {self.max_heavy_requests} heavy request(s) already (over heavy_samples="
+                f"{self.heavy_samples} samples each; this one makes {samples})",
+                f"retry in a moment, send requests of at most {self.heavy_samples} samples (always admitted)"))
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+def default_heavy_requests(cores: int | None = None) -> int:
+    """All of the scoring server's request threads (cores + 4, at most 32) but two, at least one."""
+    return max(1, min(32, (cores or os.cpu_count() or 1) + 4) - 2)
+
+
+def _check_unicode(text: str, row: int, column: str) -> None:
+    """A lone surrogate (``"\\ud800"`` in JSON) is no character: refuse it instead of letting each
+    tokenizer make its own guess."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(f"Row {row}, column '{column}' is not valid Unicode text: a lone surrogate "
+                         f"(U+{ord(text[error.start]):04X}) at character {error.start}.") from None
 
 
 def _over(setting: str, limit: int, what: str, fix: str) -> str:
@@ -115,26 +178,30 @@ class ServedModel:
     model error 500, each with a JSON message and no trace."""
 
     def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None, output_columns: list[str],
-                 limits: RequestLimits, deadline_s: float) -> None:
+                 limits: RequestLimits, deadline_s: float, admission: Admission | None = None) -> None:
         self.fullmodel = fullmodel
         self.batcher = batcher
         self.output_columns = output_columns  # from the signature: a request whose rows all failed has them too
         self.limits = limits
         self.deadline_s = deadline_s
+        self.admission = admission if admission is not None else Admission(256, default_heavy_requests())
 
     def get_raw_model(self) -> FullModel:
         return self.fullmodel
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
         try:
-            self.limits.check(data, self.fullmodel.samples_per_row(params))
-            if self.batcher is not None:
-                records = self.batcher.predict_records(data, params=params)
-            else:
-                deadline = time.monotonic() + self.deadline_s
-                records = self.fullmodel.predict_records(data, params=params, deadline=deadline)
+            samples = self.limits.check(data, self.fullmodel.samples_per_row(params))
+            with self.admission.admit(samples):
+                if self.batcher is not None:
+                    records = self.batcher.predict_records(data, params=params)
+                else:
+                    deadline = time.monotonic() + self.deadline_s
+                    records = self.fullmodel.predict_records(data, params=params, deadline=deadline)
         except (InputError, ParamError) as error:
             raise ServingError(str(error), INVALID_PARAMETER_VALUE) from None
+        except ServerBusy as error:
+            raise ServingError(str(error), TEMPORARILY_UNAVAILABLE) from None
         except DeadlineError as error:
             raise ServingError(f"{error}: deadline_s={self.deadline_s}. Send fewer rows or lighter params per request, "
                                "or raise it (pyfunc model_config 'deadline_s' or MLFLOW_FULLMODEL_DEADLINE_S).",
@@ -175,6 +242,9 @@ _SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
     "max_samples": ("MLFLOW_FULLMODEL_MAX_SAMPLES", 20_000, int),
     # A little under the scoring server's own timeout (60 s), which answers 504 but lets the work run on.
     "deadline_s": ("MLFLOW_FULLMODEL_DEADLINE_S", 55.0, float),
+    # Heavy requests at once (see Admission); None: the server's request threads but two.
+    "heavy_samples": ("MLFLOW_FULLMODEL_HEAVY_SAMPLES", 256, int),
+    "max_heavy_requests": ("MLFLOW_FULLMODEL_MAX_HEAVY_REQUESTS", None, int),
 }
 
 
@@ -296,4 +366,5 @@ def serve(fullmodel: FullModel, config: Mapping[str, Any], output_columns: list[
         tune_scoring_server()
     limits = RequestLimits(config["max_rows"], config["max_text_chars"], config["max_bytes"], config["max_samples"],
                            binary_columns)
-    return ServedModel(fullmodel, batcher, output_columns, limits, config["deadline_s"])
+    admission = Admission(config["heavy_samples"], config["max_heavy_requests"] or default_heavy_requests())
+    return ServedModel(fullmodel, batcher, output_columns, limits, config["deadline_s"], admission)

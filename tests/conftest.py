@@ -107,6 +107,48 @@ def registered_reviews(tracking: str, text_model: fm.FullModel) -> mlflow.models
     return info
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_projects"
+#: The registered names of the example models trained once per test session.
+TEXT_EXAMPLE, IMAGE_EXAMPLE = "example-text", "example-images"
+
+
+def train_example(project: str, tracking_uri: str, workdir: Path, *arguments: str) -> str:
+    """One tiny training run of an example project, as a user runs it: a script in its own process;
+    returns what it printed."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / project / "train.py"), "--tiny", "--tracking-uri", tracking_uri, *arguments],
+        cwd=workdir, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=""),  # the script must find its own modules by itself
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def text_example(tracking: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The text classifier example, trained once and registered as ``example-text@champion``."""
+    stdout = train_example("text_classifier", tracking, tmp_path_factory.mktemp("text_classifier"),
+                           "--registered-model-name", TEXT_EXAMPLE)
+    assert f"mlflow models serve -m models:/{TEXT_EXAMPLE}@champion" in stdout
+    run = mlflow.MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name("text-classifier").experiment_id], order_by=["start_time DESC"]
+    )[0]
+    return {"run": run, "stdout": stdout}
+
+
+@pytest.fixture(scope="session")
+def image_example(tracking: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The image classifier example, trained once: both variants registered as versions of
+    ``example-images``, the tta one as champion."""
+    stdout = train_example("image_classifier", tracking, tmp_path_factory.mktemp("image_classifier"),
+                           "--registered-model-name", IMAGE_EXAMPLE)
+    assert f"mlflow models serve -m models:/{IMAGE_EXAMPLE}@champion" in stdout
+    client = mlflow.MlflowClient()
+    versions = {v.tags["variant"]: v for v in client.search_model_versions(f"name='{IMAGE_EXAMPLE}'")}
+    runs = {variant: client.get_run(v.run_id) for variant, v in versions.items()}
+    return {"versions": versions, "runs": runs, "stdout": stdout}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -42,7 +42,7 @@ TRAINING_SCRIPT = textwrap.dedent('''
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.embedding = torch.nn.EmbeddingBag(64, 2)
+            self.embedding = torch.nn.EmbeddingBag(64, 2, padding_idx=0)  # the mean skips the padding
 
         def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
             return self.embedding(ids)

@@ -24,20 +24,8 @@ TEXTS = ["What a wonderful, brilliant film!", "Dull, boring and far too long.", 
 
 
 @pytest.fixture(scope="module")
-def trained(tracking: str, tmp_path_factory) -> dict:
-    """One tiny training run of the example, as a user runs it: a script in its own process."""
-    workdir = tmp_path_factory.mktemp("text_classifier")
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "--tiny", "--registered-model-name", "example-text", "--tracking-uri", tracking],
-        cwd=workdir, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, PYTHONPATH=""),  # the script must find its own modules by itself
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "mlflow models serve -m models:/example-text@champion" in result.stdout
-    run = mlflow.MlflowClient().search_runs(
-        [mlflow.get_experiment_by_name("text-classifier").experiment_id], order_by=["start_time DESC"]
-    )[0]
-    return {"run": run, "stdout": result.stdout}
+def trained(text_example: dict) -> dict:
+    return text_example
 
 
 def test_training_logs_metrics_and_registers_the_champion(trained):

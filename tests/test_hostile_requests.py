@@ -4,6 +4,9 @@ bodies that carry our message only (no stack trace, no path, no echo of the requ
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import pandas as pd
@@ -14,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from sample_steps import LABELS, Normalize
 
 import mlflow_fullmodel as fm
+from mlflow_fullmodel.serving import serve, serving_config
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
 
 
@@ -119,3 +123,39 @@ def test_a_bad_request_gets_a_4xx_json_message_without_trace_or_echo_and_the_ser
     assert len(response.content) < 5_000  # never the request echoed back
     good = requests.post(f"{champion_server}/invocations", json={"inputs": EXAMPLE_TEXTS}, timeout=60)
     assert good.status_code == 200 and len(good.json()["predictions"]) == len(EXAMPLE_TEXTS)
+
+
+#: Lets a test hold a request inside the model until it says so.
+RELEASE = threading.Event()
+
+
+class HoldWaitingTexts(fm.Transform):
+    """Holds the text "wait" until RELEASE is set; passes the rest."""
+
+    def __call__(self, text: str) -> str:
+        if text == "wait" and not RELEASE.wait(timeout=60):
+            raise RuntimeError("never released")
+        return text
+
+
+def test_heavy_requests_over_the_bound_are_refused_at_once_and_light_ones_are_still_answered(spm_path, scripted_net):
+    model = fm.FullModel(preprocess=[HoldWaitingTexts(), Normalize(), SentencePieceEncode(fm.Artifact(spm_path))],
+                         module=scripted_net, postprocess=[TopK(labels=LABELS)])
+    served = serve(model, serving_config({"heavy_samples": 2, "max_heavy_requests": 1, "tune_server": False}),
+                   ["label", "probability"])
+    heavy = pd.DataFrame({"text": ["wait", "a good film", "a dull film"]})
+    RELEASE.clear()
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(served.predict, heavy)
+        while not running.running():
+            time.sleep(0.01)
+        time.sleep(0.2)  # inside the model, holding the one heavy slot
+        with pytest.raises(MlflowException) as caught:
+            served.predict(heavy)
+        assert caught.value.get_http_status_code() == 503
+        assert ("the server is running 1 heavy request(s) already (over heavy_samples=2 samples each; this one makes 3)"
+                in caught.value.message and "MLFLOW_FULLMODEL_MAX_HEAVY_REQUESTS" in caught.value.message)
+        assert len(served.predict(pd.DataFrame({"text": ["a good film", "superb"]}))) == 2  # light: answered now
+        RELEASE.set()
+        assert len(running.result(timeout=60)) == 3
+    assert len(served.predict(heavy)) == 3  # the slot is free again

@@ -1,0 +1,227 @@
+"""Over a hundred kinds of bad request against the served example models, text and image, under
+`mlflow-fullmodel serve` (all of them) and `mlflow models serve` (those its own server does not
+decide): each is a 4xx JSON answer naming the problem, with no stack trace, path or echo of the
+request, and the next good request is answered as the model in memory answers it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+import pytest
+import requests
+from conftest import IMAGE_EXAMPLE, TEXT_EXAMPLE, free_port, serve, start, stop, wait_for
+from images import b64, claimed_size_png, encoded, png
+from PIL import Image
+
+import mlflow_fullmodel as fm
+
+pytestmark = pytest.mark.slow
+
+#: (body, content type, expected status or None for any 4xx, a fragment of the message or None)
+Kind = tuple[bytes | str, str | None, int | None, str | None]
+JSON = "application/json"
+
+
+def records(column: str, *values: Any, **params: Any) -> str:
+    payload: dict[str, Any] = {"dataframe_records": [{column: v} for v in values]}
+    if params:
+        payload["params"] = params
+    return json.dumps(payload)
+
+
+def generic_kinds(column: str, good: str) -> dict[str, Kind]:
+    """Kinds of bad request every model meets: the body, its format, its columns, its params."""
+    one = records(column, good)
+    return {
+        "no content type": (one, None, 415, "no Content-Type header"),
+        "text/plain content type": (one, "text/plain", 415, None),
+        "XML content type": ("<rows/>", "application/xml", 415, None),
+        "JSON nested 10,000 deep": ("[" * 10_000 + "]" * 10_000, JSON, 400, "nested 10000 levels deep"),
+        "a 5,000-digit integer": ('{"inputs": [' + "9" * 5_000 + "]}", JSON, 400, "not valid JSON"),
+        "invalid JSON": ("{not json", JSON, 400, "not valid JSON"),
+        "truncated JSON": (one[:-5], JSON, 400, "not valid JSON"),
+        "empty body": ("", JSON, 400, None),
+        "JSON null": ("null", JSON, 400, None),
+        "JSON number": ("42", JSON, 400, None),
+        "JSON string": ('"hello"', JSON, 400, None),
+        "JSON list": ("[1, 2, 3]", JSON, 400, None),
+        "no input key": ('{"rows": []}', JSON, 400, None),
+        "two input keys": (json.dumps({"inputs": [good], "dataframe_records": [{column: good}]}), JSON, 400, None),
+        "duplicate keys": ('{"dataframe_records": [{"%s": %s, "%s": %s}]}' % (column, json.dumps(good), column,
+                                                                               json.dumps(good)), JSON, 400, "twice"),
+        "invalid UTF-8": (b'{"dataframe_records": [{"' + column.encode() + b'": "\xff\xfe"}]}', JSON, 400, None),
+        "unknown param": (records(column, good, temperature=0.5), JSON, 400, "Unknown parameter(s) ['temperature']"),
+        "misspelled param": (records(column, good, K=2), JSON, 400, "Unknown parameter(s) ['K']"),
+        "params a list": (json.dumps({"dataframe_records": [{column: good}], "params": [1]}), JSON, 400, "params"),
+        "param k a string": (records(column, good, k="two"), JSON, 400, "'k'"),
+        "param k zero": (records(column, good, k=0), JSON, 400, "'k'"),
+        "param k negative": (records(column, good, k=-1), JSON, 400, "'k'"),
+        "param k too large": (records(column, good, k=1000), JSON, 400, "'k'"),
+        "param k a float": (records(column, good, k=1.5), JSON, 400, "'k'"),
+        "param k a list": (records(column, good, k=[1]), JSON, 400, "'k'"),
+        "param k null": (records(column, good, k=None), JSON, 400, None),
+        "param on_error unknown": (records(column, good, on_error="ignore"), JSON, 400, "on_error"),
+        "missing column": (json.dumps({"dataframe_records": [{"other": good}]}), JSON, 400, None),
+        "misspelled column": (json.dumps({"dataframe_records": [{column[:-1]: good}]}), JSON, 400, None),
+        "column in capitals": (json.dumps({"dataframe_records": [{column.upper(): good}]}), JSON, 400, None),
+        "null value": (records(column, None), JSON, 400, "value is missing (null)"),
+        "NaN value": ('{"dataframe_records": [{"%s": NaN}]}' % column, JSON, 400, None),
+        "Infinity value": ('{"dataframe_records": [{"%s": Infinity}]}' % column, JSON, 400, None),
+        "a number": (records(column, 12345), JSON, 400, None),
+        "a boolean": (records(column, True), JSON, 400, None),
+        "a list": (records(column, [good]), JSON, 400, None),
+        "an object": (records(column, {"value": good}), JSON, 400, None),
+        "a null among good rows": (records(column, good, good, None), JSON, 400, "Row 2"),
+        "split with a wrong shape": (json.dumps({"dataframe_split": {"columns": [column], "data": [[good, good]]}}),
+                                     JSON, 400, None),
+        "split data not a list": (json.dumps({"dataframe_split": {"columns": [column], "data": 5}}), JSON, 400, None),
+        "records not a list": (json.dumps({"dataframe_records": {column: good}}), JSON, 400, None),
+        "instances of nulls": (json.dumps({"instances": [None, None]}), JSON, 400, None),
+        "CSV with bad quoting": (f'{column}\n"unterminated', "text/csv", 400, None),
+        "CSV without the column": ("other\nvalue", "text/csv", 400, None),
+        "garbage Parquet": (b"PAR1 garbage garbage", "application/vnd.apache.parquet", 400, None),
+        "10,001 rows": (records(column, *[good] * 10_001), JSON, 400, "max_rows=10000"),
+    }
+
+
+def text_kinds() -> dict[str, Kind]:
+    good = "A wonderful film."
+    return {
+        **generic_kinds("text", good),
+        "empty text": (records("text", ""), JSON, 400, "the text has no tokens"),
+        "whitespace only": (records("text", " \t\n "), JSON, 400, "the text has no tokens"),
+        "text over max_text_chars": (records("text", "great " * 20_000), JSON, 400, "max_text_chars=100000"),
+        "a lone surrogate": ('{"dataframe_records": [{"text": "bad \\ud800 text"}]}', JSON, 400,
+                             "Row 0, column 'text' is not valid Unicode text: a lone surrogate (U+D800) at character 4"),
+        "bytes as base64": (records("text", b64(b"\x00\x01binary")), JSON, 200, None),
+    }
+
+
+def image_kinds() -> dict[str, Kind]:
+    good = b64(png())
+    frames = [Image.new("L", (40, 40), shade) for shade in (0, 128, 255)]
+    return {
+        **generic_kinds("image", good),
+        "zero-byte image": (records("image", ""), JSON, 400, None),
+        "not base64": (records("image", "%%% not base64 %%%"), JSON, 400, None),
+        "a file path": (records("image", "/etc/passwd"), JSON, 400, None),
+        "a data URL": (records("image", "data:image/png;base64," + good), JSON, 400, None),
+        "text as base64": (records("image", b64(b"hello, this is not an image")), JSON, 400, "not an image"),
+        "SVG as base64": (records("image", b64(b'<svg xmlns="http://www.w3.org/2000/svg"/>')), JSON, 400, None),
+        "truncated PNG": (records("image", b64(png()[:60])), JSON, 400, None),
+        "decompression bomb": (records("image", b64(claimed_size_png(100_000, 100_000))), JSON, 400, "max_pixels"),
+        "aspect-ratio bomb": (records("image", b64(png(262_144, 1))), JSON, 400, "max_pixels"),
+        "four aspect-ratio bombs": (records("image", *[b64(png(262_144, 1))] * 4), JSON, 400, "max_pixels"),
+        "too many samples": (records("image", *[good] * 3_000), JSON, 400, "max_samples=20000"),
+        "tta over its maximum": (records("image", good, tta=65), JSON, 400, "'tta'"),
+        "tta zero": (records("image", good, tta=0), JSON, 400, "'tta'"),
+        "seed a string": (records("image", good, seed="abc"), JSON, 400, "'seed'"),
+        "an image over max_bytes": (records("image", b64(b"\x89PNG" + bytes(17 * 2**20))), JSON, 400, "max_bytes"),
+        # Odd but valid images: answered, or refused with a message; never a server error.
+        "animated GIF": (records("image", b64(encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]))),
+                         JSON, None, None),
+        "16-bit PNG": (records("image", b64(encoded(Image.new("I;16", (40, 40), 30_000), "PNG"))), JSON, None, None),
+        "CMYK JPEG": (records("image", b64(encoded(Image.new("CMYK", (40, 40), (0, 0, 0, 128)), "JPEG"))), JSON,
+                      None, None),
+    }
+
+
+#: What MLflow's server decides before the model sees the request: `mlflow models serve` answers
+#: these its own way (README), `mlflow-fullmodel serve` as the others.
+SCHEMA_CHECKED = {  # against the signature, in a message that echoes the request
+    "param k a string", "param k a float", "param k a list", "seed a string", "missing column",
+    "misspelled column", "column in capitals",
+}
+SERVER_DECIDES = SCHEMA_CHECKED | {
+    "no content type", "text/plain content type", "XML content type", "JSON nested 10,000 deep",
+    "a 5,000-digit integer", "duplicate keys", "unknown param", "misspelled param", "params a list",
+    "CSV with bad quoting", "CSV without the column", "garbage Parquet", "invalid UTF-8", "empty body",
+    "JSON null", "JSON number", "JSON string", "JSON list", "no input key", "two input keys", "truncated JSON",
+    "invalid JSON", "split with a wrong shape", "split data not a list", "records not a list",
+    "instances of nulls", "NaN value", "Infinity value", "param k null",
+}
+
+MODELS = {
+    "text": (f"models:/{TEXT_EXAMPLE}@champion", "text", ["A wonderful film.", "Dull, boring and far too long."]),
+    "image": (f"models:/{IMAGE_EXAMPLE}@champion", "image", [b64(png()), b64(png(32, 48, color=30))]),
+}
+KINDS = {"text": text_kinds(), "image": image_kinds()}
+
+
+def test_there_are_over_a_hundred_kinds_of_bad_request_in_all():
+    assert sum(len(kinds) for kinds in KINDS.values()) >= 100
+
+
+@pytest.fixture(scope="module")
+def expected(text_example, image_example) -> dict[str, list[Any]]:
+    """What each model in memory answers the good request."""
+    answers = {}
+    for name, (uri, column, good) in MODELS.items():
+        answers[name] = fm.load_model(uri).predict(pd.DataFrame({column: good})).to_dict(orient="records")
+        for record in answers[name]:
+            record["top_probabilities"] = list(record["top_probabilities"])
+    return answers
+
+
+def hardened(uri: str, tracking: str) -> tuple[Any, str]:
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    process = start([sys.executable, "-m", "mlflow_fullmodel.cli", "serve", uri, "--host", "127.0.0.1",
+                     "--port", str(port)], env)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(f"{url}/ping", process, "mlflow-fullmodel serve", seconds=180)
+    return process, url
+
+
+@pytest.fixture(scope="module", params=["mlflow-fullmodel serve", "mlflow models serve"])
+def servers(request, tracking, text_example, image_example) -> Iterator[tuple[str, dict[str, str]]]:
+    """Both example models behind one of the two commands."""
+    start_one = hardened if request.param == "mlflow-fullmodel serve" else serve
+    started = {name: start_one(uri, tracking) for name, (uri, _, _) in MODELS.items()}
+    yield request.param, {name: url for name, (_, url) in started.items()}
+    for process, _ in started.values():
+        stop(process)
+
+
+def post(url: str, body: bytes | str, content_type: str | None) -> requests.Response:
+    headers = {"Content-Type": content_type} if content_type else {}
+    return requests.post(f"{url}/invocations", data=body.encode() if isinstance(body, str) else body,
+                         headers=headers, timeout=120)
+
+
+CASES = [(model, kind) for model, kinds in KINDS.items() for kind in kinds]
+
+
+@pytest.mark.parametrize("model, kind", CASES, ids=[f"{m}: {k}" for m, k in CASES])
+def test_a_bad_request_is_a_clean_4xx_and_the_next_good_one_is_answered(servers, expected, model, kind):
+    command, urls = servers
+    # A binary column's null fails MLflow's conversion of the column, without the row named.
+    if command == "mlflow models serve" and (kind in SERVER_DECIDES or (model, kind) in {
+            ("image", "null value"), ("image", "a null among good rows")}):
+        pytest.skip("MLflow's scoring server decides this one itself (see the README); mlflow-fullmodel serve does not")
+    body, content_type, status, fragment = KINDS[model][kind]
+    response = post(urls[model], body, content_type)
+    if status == 200 or (status is None and response.status_code == 200):
+        assert len(response.json()["predictions"]) >= 1
+    else:
+        assert (response.status_code == status) if status else (400 <= response.status_code < 500), \
+            (response.status_code, response.text[:500])
+        error = response.json()
+        message = error["message"]
+        if fragment:
+            assert fragment in message, message[:500]
+        assert "stack_trace" not in error and "Traceback" not in message
+        assert "site-packages" not in message and "/tmp/" not in message and "root:" not in message
+        assert "Failed to predict data" not in message and len(response.content) < 5_000
+    uri, column, good = MODELS[model]
+    answer = post(urls[model], json.dumps({"dataframe_records": [{column: v} for v in good]}), JSON)
+    assert answer.status_code == 200, answer.text[:500]
+    for got, want in zip(answer.json()["predictions"], expected[model], strict=True):
+        assert got["top_labels"] == want["top_labels"]
+        assert got["top_probabilities"] == pytest.approx(want["top_probabilities"], rel=1e-5)
