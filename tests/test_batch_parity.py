@@ -13,7 +13,7 @@ from sample_steps import LABELS
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.batching import MicroBatcher
-from mlflow_fullmodel.parity import batch_invariance_problems
+from mlflow_fullmodel.parity import batch_invariance_problems, compare_outputs
 from mlflow_fullmodel.transforms import TopK
 from mlflow_fullmodel.verification import verify_model
 
@@ -101,3 +101,10 @@ def test_verify_finds_a_batch_sensitive_model_saved_without_the_check(tmp_path, 
     with pytest.raises(fm.ParityError, match="batch-sensitive") as caught:
         verify_model(str(path))
     assert caught.value.stage == "batch"
+
+
+@pytest.mark.parametrize("want, got", [([1, 2], [1, 2, 3]), ([1, 2, 3], [1, 2]), ([[0.5]], [[0.5, 0.5]]), ([], [0.0])])
+def test_the_parity_comparison_tells_lists_of_different_lengths_apart(want, got):
+    problems = compare_outputs(pd.DataFrame({"scores": [want]}), pd.DataFrame({"scores": [got]}))
+    assert problems == [f"row 0, column 'scores': expected {want!r}, got {got!r}"]
+    assert compare_outputs(pd.DataFrame({"scores": [want]}), pd.DataFrame({"scores": [list(want)]})) == []

@@ -267,7 +267,8 @@ class TestServingConfig:
         config = serving_config({"max_batch_size": 16, "device": None})
         assert config == {"device": "cpu", "batching": False, "max_batch_size": 16, "max_wait_ms": 7.5,
                           "num_threads": None, "tune_server": True, "max_rows": 10_000, "max_text_chars": 100_000,
-                          "max_bytes": 16 * 1024 * 1024, "max_samples": 20_000, "deadline_s": 55.0}
+                          "max_bytes": 16 * 1024 * 1024, "max_samples": 20_000, "deadline_s": 55.0,
+                          "heavy_samples": 256, "max_heavy_requests": None}
         assert serving_config({"max_wait_ms": 1})["max_wait_ms"] == 1
 
     def test_a_value_that_does_not_parse_is_an_error_naming_the_variable(self, monkeypatch):
@@ -323,7 +324,9 @@ def test_log_model_says_by_default_that_parity_passed_and_where_the_card_is(tmp_
         with mlflow.start_run():
             fm.log_model(model, name="model", input_example=["a fine film", "dull"])
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # not the tests' experiment
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"INFO mlflow\.fullmodel: Parity check passed in \d+\.\d s: .* reproduces its 2 example row\(s\)",
                      result.stderr)

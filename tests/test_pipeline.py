@@ -419,3 +419,25 @@ def test_a_deadline_passed_while_rows_are_isolated_stops_the_request_instead_of_
 
     with pytest.raises(fm.DeadlineError, match="stopped before forward"):
         text_model.predict_records(EXAMPLE_TEXTS, params={"on_error": "return"}, forward_examples=forward)
+
+
+def test_left_padding_of_dict_and_tuple_examples_pads_every_member_and_keeps_the_true_lengths():
+    collate = PadCollate(pad_value=9, pad_side="left")
+    batch = collate([{"ids": torch.tensor([1, 2, 3]), "mask": torch.tensor([1, 1, 1])},
+                     {"ids": torch.tensor([4]), "mask": torch.tensor([1])}])
+    assert batch.inputs["ids"].tolist() == [[1, 2, 3], [9, 9, 4]]
+    assert batch.inputs["mask"].tolist() == [[1, 1, 1], [9, 9, 1]]
+    assert batch.lengths.tolist() == [3, 1]
+    pairs = collate([(torch.tensor([1, 2]), torch.tensor([5])), (torch.tensor([3]), torch.tensor([6, 7, 8]))])
+    assert [member.tolist() for member in pairs.inputs] == [[[1, 2], [9, 3]], [[9, 9, 5], [6, 7, 8]]]
+    assert pairs.lengths.tolist() == [2, 1]  # the first padded member's lengths
+
+
+def test_top_k_with_a_plain_integer_k_returns_k_labels_and_adds_no_runtime_parameter(scripted_net, spm_path):
+    model = fm.FullModel(preprocess=[Normalize(), SentencePieceEncode(fm.Artifact(spm_path))], module=scripted_net,
+                         postprocess=[TopK(labels=LABELS, k=2)])
+    assert set(model.params) == {"on_error"}
+    answer = model.predict(["a fine film"])
+    assert len(answer["top_labels"][0]) == 2 and sorted(answer["top_labels"][0]) == sorted(LABELS)
+    with pytest.raises(fm.ParamError, match=r"Unknown parameter\(s\) \['k'\]"):
+        model.predict(["a fine film"], params={"k": 1})

@@ -294,3 +294,65 @@ def test_an_import_of_the_captured_code_that_cannot_be_found_is_said_not_dropped
     with caplog.at_level("WARNING", logger="mlflow_fullmodel.storage.capture"):
         saved(tmp_path, model)
     assert "the module 'fast_tokenizer_that_is_not_installed' that the captured code imports cannot be found" in caplog.text
+
+
+def test_imports_inside_functions_and_relative_imports_two_levels_up_are_captured(
+    tmp_path, user_project, spm_path, scripted_net
+):
+    user_project("nested_project", {
+        "store/__init__.py": "",
+        "store/words.py": "BANNED = {'dull'}\n",
+        "store/late.py": "def shout(text):\n    return text.upper()\n",
+        "store/text/__init__.py": "",
+        "store/text/steps/__init__.py": "",
+        "store/text/steps/filter.py": """
+            import mlflow_fullmodel as fm
+            from ...words import BANNED
+
+            class Filter(fm.Transform):
+                def __call__(self, text):
+                    from store.late import shout  # imported when called, not when the module loads
+                    return shout(" ".join(w for w in text.split() if w.lower() not in BANNED)).lower()
+        """,
+    })
+    from store.text.steps.filter import Filter
+
+    model = fm.FullModel(preprocess=[Filter(), SentencePieceEncode(fm.Artifact(spm_path))], module=scripted_net,
+                         postprocess=[TopK(labels=LABELS, k=fm.Param(1))])
+    folder = saved(tmp_path, model)
+    code = {str(p.relative_to(Path(folder) / "code")) for p in (Path(folder) / "code").rglob("*.py")}
+    assert {"store/words.py", "store/late.py", "store/text/steps/filter.py"} <= code
+    check_parity(folder, digests=preprocess_digests(model, EXAMPLE_TEXTS))
+
+
+def test_two_models_whose_functions_import_modules_of_one_name_each_get_their_own(
+    tmp_path, user_project, spm_path, scripted_net
+):
+    def train(name: str, suffix: str) -> str:
+        root = user_project(name, {
+            "words.py": f"SUFFIX = {suffix!r}\n",
+            "tagging.py": """
+                import mlflow_fullmodel as fm
+
+                class LateTag(fm.Transform):
+                    def __call__(self, text):
+                        from words import SUFFIX  # at call time, from this model's own words.py
+                        return text + SUFFIX
+            """,
+        })
+        from tagging import LateTag
+
+        model = fm.FullModel(preprocess=[LateTag(), SentencePieceEncode(fm.Artifact(spm_path))], module=scripted_net,
+                             postprocess=[TopK(labels=LABELS, k=fm.Param(1))])
+        folder = saved(tmp_path, model, f"{name}-model")
+        sys.path.remove(str(root))
+        sys.path.append(str(root))  # out of the way of the next run; the fixture removes it
+        for module in ("tagging", "words"):
+            sys.modules.pop(module, None)
+        return folder
+
+    champion, challenger = (load_fullmodel(f) for f in (train("first", " great"), train("second", " dull")))
+    for _ in range(2):  # and again, once the modules are the models' own
+        assert champion.preprocess_steps[0]("x") == "x great"
+        assert challenger.preprocess_steps[0]("x") == "x dull"
+    assert "words" not in sys.modules and "tagging" not in sys.modules

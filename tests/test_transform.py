@@ -201,3 +201,17 @@ class TestParam:
     def test_a_non_scalar_default_is_refused(self):
         with pytest.raises(fm.ConfigError, match="Param default must be"):
             fm.Param([1, 2])
+
+
+@pytest.mark.parametrize("param, accepted, refused", [
+    (fm.Param(1, minimum=0), [0, 5], [-1]),
+    (fm.Param(-1, maximum=0), [0, -7], [1]),
+    (fm.Param(0, minimum=0, maximum=0), [0], [-1, 1]),
+    (fm.Param(0.5, minimum=0.0), [0.0, 2.5], [-0.001]),
+])
+def test_a_bound_of_zero_is_a_bound(param, accepted, refused):
+    for value in accepted:
+        assert param.validate("p", value) == value
+    for value in refused:
+        with pytest.raises(fm.ParamError, match="Parameter 'p' must be"):
+            param.validate("p", value)
