@@ -52,7 +52,7 @@ def test_every_payload_format_gives_the_in_memory_answers(champion_server, text_
         ({"dataframe_records": [{"text": "x"}], "params": {"k": 3}}, "Parameter 'k' must be <= 2, got 3"),
         ({"dataframe_records": [{"text": "x"}], "params": {"k": "two"}}, "k"),
         ({"dataframe_records": [{"review": "x"}]}, "text"),
-        ({"dataframe_records": [{"text": "fine"}, {"text": None}]}, "text"),
+        ({"dataframe_records": [{"text": "fine"}, {"text": None}]}, "Row 1, column 'text': value is missing (null)."),
         ('{"dataframe_records": [', "Invalid input"),
         ({"no_such_format": []}, "dataframe_records"),
     ],
