@@ -8,11 +8,8 @@ import base64
 import importlib.util
 import io
 import json
-import os
 import re
 import struct
-import subprocess
-import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +18,7 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
-from conftest import serve, stop
+from conftest import serve, stop, train_example
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.parity import ABS_TOL, REL_TOL
@@ -279,12 +276,7 @@ def test_diff_of_the_two_versions_names_the_steps_and_configuration_that_differ(
 
 def test_the_same_training_exported_with_torch_export_answers_like_the_torchscript_model(trained, tracking, models, tmp_path):
     name = f"{NAME}-export"
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE / "train.py"), "--tiny", "--module-format", "export", "--registered-model-name",
-         name, "--tracking-uri", tracking],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=""),
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    train_example("image_classifier", tracking, tmp_path, "--module-format", "export", "--registered-model-name", name)
     for version in mlflow.MlflowClient().search_model_versions(f"name='{name}'"):
         exported = fm.load_model(f"models:/{name}/{version.version}")
         assert exported.modules.formats == {"main": "torch.export"}

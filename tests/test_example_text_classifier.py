@@ -4,22 +4,18 @@ then served over HTTP with raw text."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 import requests
-from conftest import serve, stop
+from conftest import serve, stop, train_example
 
 import mlflow_fullmodel as fm
 
 pytestmark = pytest.mark.slow
 
-TRAIN = Path(__file__).resolve().parents[1] / "example_projects" / "text_classifier" / "train.py"
 TEXTS = ["What a wonderful, brilliant film!", "Dull, boring and far too long.", "It was a film."]
 
 
@@ -67,12 +63,7 @@ def test_the_served_champion_answers_raw_text_over_http(trained, tracking):
 
 
 def test_the_same_training_saved_as_a_torch_export_program_gives_the_same_answers(trained, tracking, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "--tiny", "--module-format", "export", "--registered-model-name",
-         "example-text-export", "--tracking-uri", tracking],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=""),
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    train_example("text_classifier", tracking, tmp_path, "--module-format", "export", "--registered-model-name", "example-text-export")
     exported = fm.load_model("models:/example-text-export@champion")
     assert list(exported.modules.formats.values()) == ["torch.export"]
     scripted = fm.load_model("models:/example-text@champion")

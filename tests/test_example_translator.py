@@ -3,23 +3,19 @@ beam-search params, then served over HTTP with raw source text."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 import requests
-from conftest import serve, stop
+from conftest import serve, stop, train_example
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
 
 pytestmark = pytest.mark.slow
 
-TRAIN = Path(__file__).resolve().parents[1] / "example_projects" / "translator" / "train.py"
 URI = "models:/example-translator@champion"
 SOURCES = ["7", "42", "1,234", " 9 999 ", "305", "12", "8000", "610", "77", "4 321"]
 
@@ -27,19 +23,13 @@ SOURCES = ["7", "42", "1,234", " 9 999 ", "305", "12", "8000", "610", "77", "4 3
 @pytest.fixture(scope="module")
 def trained(tracking: str, tmp_path_factory) -> dict:
     """One tiny training run of the example, as a user runs it: a script in its own process."""
-    workdir = tmp_path_factory.mktemp("translator")
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "--tiny", "--registered-model-name", "example-translator",
-         "--tracking-uri", tracking],
-        cwd=workdir, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, PYTHONPATH=""),  # the script must find its own modules by itself
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"mlflow models serve -m {URI}" in result.stdout
+    stdout = train_example("translator", tracking, tmp_path_factory.mktemp("translator"),
+                           "--registered-model-name", "example-translator")
+    assert f"mlflow models serve -m {URI}" in stdout
     run = mlflow.MlflowClient().search_runs(
         [mlflow.get_experiment_by_name("translator").experiment_id], order_by=["start_time DESC"]
     )[0]
-    return {"run": run, "stdout": result.stdout}
+    return {"run": run, "stdout": stdout}
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +117,7 @@ def test_the_served_champion_translates_raw_text_over_http_and_refuses_bad_param
 
 
 def test_the_same_training_exported_as_two_programs_translates_like_the_torchscript_model(trained, tracking, champion, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "--tiny", "--module-format", "export", "--registered-model-name",
-         "example-translator-export", "--tracking-uri", tracking],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=""),
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    train_example("translator", tracking, tmp_path, "--module-format", "export", "--registered-model-name", "example-translator-export")
     exported = fm.load_model("models:/example-translator-export@champion")
     assert exported.modules.formats == {"encoder": "torch.export", "decoder": "torch.export"}
     # Same seed, same training: the programs translate as the TorchScript module does, one source
