@@ -130,10 +130,13 @@ def text_example(tracking: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     stdout = train_example("text_classifier", tracking, tmp_path_factory.mktemp("text_classifier"),
                            "--registered-model-name", TEXT_EXAMPLE)
     assert f"mlflow models serve -m models:/{TEXT_EXAMPLE}@champion" in stdout
-    run = mlflow.MlflowClient().search_runs(
-        [mlflow.get_experiment_by_name("text-classifier").experiment_id], order_by=["start_time DESC"]
+    return {"run": latest_run("text-classifier"), "stdout": stdout}
+
+
+def latest_run(experiment: str) -> mlflow.entities.Run:
+    return mlflow.MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name(experiment).experiment_id], order_by=["start_time DESC"]
     )[0]
-    return {"run": run, "stdout": stdout}
 
 
 @pytest.fixture(scope="session")

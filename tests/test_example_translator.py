@@ -9,7 +9,7 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
-from conftest import serve, stop, train_example
+from conftest import latest_run, serve, stop, train_example
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
@@ -26,10 +26,7 @@ def trained(tracking: str, tmp_path_factory) -> dict:
     stdout = train_example("translator", tracking, tmp_path_factory.mktemp("translator"),
                            "--registered-model-name", "example-translator")
     assert f"mlflow models serve -m {URI}" in stdout
-    run = mlflow.MlflowClient().search_runs(
-        [mlflow.get_experiment_by_name("translator").experiment_id], order_by=["start_time DESC"]
-    )[0]
-    return {"run": run, "stdout": stdout}
+    return {"run": latest_run("translator"), "stdout": stdout}
 
 
 @pytest.fixture(scope="module")
