@@ -356,3 +356,14 @@ def test_two_models_whose_functions_import_modules_of_one_name_each_get_their_ow
         assert champion.preprocess_steps[0]("x") == "x great"
         assert challenger.preprocess_steps[0]("x") == "x dull"
     assert "words" not in sys.modules and "tagging" not in sys.modules
+
+
+def test_a_step_of_the_wrong_kind_for_its_place_is_refused_at_load(tmp_path, text_model):
+    folder = saved(tmp_path, text_model)
+    spec_path = Path(folder) / "fullmodel.json"
+    spec = json.loads(spec_path.read_text())
+    spec["collate"] = spec["forward"]  # a consistent rewrite: a forward strategy where the collate step goes
+    spec_path.write_text(json.dumps(spec))
+    write_manifest(folder)
+    with pytest.raises(fm.ModelFormatError, match="The spec's collate step is a CallModule, not a Collate"):
+        load_fullmodel(folder)
