@@ -139,7 +139,11 @@ class Guard:
             return str(error)
         except (ValueError, RecursionError) as error:  # invalid UTF-8 or JSON, an integer of 5,000 digits
             return f"The body is not valid JSON: {sanitized(str(error))[:300]}"
-        null = _first_null(payload)
+        # With on_error="return" a null row is answered with its error, except where MLflow would
+        # have turned it into the text "None" first.
+        returns_errors = isinstance(payload, dict) and isinstance(payload.get("params"), dict) and \
+            payload["params"].get("on_error") == "return"
+        null = _first_null(payload, ("inputs", "instances") if returns_errors else _ROW_KEYS)
         if null is not None:
             return null
         given = payload.get("params") if isinstance(payload, dict) else None
@@ -152,7 +156,11 @@ class Guard:
         return None
 
 
-def _first_null(payload: Any) -> str | None:
+#: The JSON keys that hold a request's rows.
+_ROW_KEYS = ("dataframe_records", "dataframe_split", "inputs", "instances")
+
+
+def _first_null(payload: Any, keys: tuple[str, ...] = _ROW_KEYS) -> str | None:
     """A message naming the first null value among the request's rows: MLflow's server turns a null
     into the text "None" (``inputs``, ``instances``) or fails to convert its column without
     naming the row, before the model sees it."""
@@ -166,7 +174,7 @@ def _first_null(payload: Any) -> str | None:
         if isinstance(rows, dict) and key in ("inputs", "instances"):  # columns: {"text": [...]}
             length = max((len(v) for v in rows.values() if isinstance(v, list)), default=0)
             rows = [{c: v[i] if i < len(v) else None for c, v in rows.items() if isinstance(v, list)} for i in range(length)]
-        if key not in ("dataframe_records", "dataframe_split", "inputs", "instances") or not isinstance(rows, list):
+        if key not in keys or not isinstance(rows, list):
             continue
         for index, row in enumerate(rows):
             if row is None:

@@ -97,6 +97,21 @@ def test_good_requests_get_the_answers_of_mlflow_models_serve(hardened_server, c
 
 
 @pytest.mark.slow
+def test_with_on_error_return_a_null_row_is_answered_with_its_error_as_mlflow_models_serve_answers_it(
+    hardened_server, champion_server
+):
+    url, _ = hardened_server
+    body = json.dumps({"dataframe_records": [{"text": "good"}, {"text": None}], "params": {"on_error": "return"}})
+    ours, theirs = post(url, body), post(champion_server, body)
+    assert ours.status_code == theirs.status_code == 200
+    assert ours.json() == theirs.json()
+    assert ours.json()["predictions"][1]["error"] == "Row 1, column 'text': value is missing (null)."
+    # In "instances" MLflow would have made the null the text "None": refused, whatever on_error says.
+    refused = post(url, json.dumps({"instances": ["good", None], "params": {"on_error": "return"}}))
+    assert refused.status_code == 400 and "Row 1 of \"instances\" is null" in refused.json()["message"]
+
+
+@pytest.mark.slow
 def test_serve_refuses_a_model_that_fails_verification(tracking, tmp_path):
     import subprocess
 
