@@ -441,3 +441,31 @@ def test_top_k_with_a_plain_integer_k_returns_k_labels_and_adds_no_runtime_param
     assert len(answer["top_labels"][0]) == 2 and sorted(answer["top_labels"][0]) == sorted(LABELS)
     with pytest.raises(fm.ParamError, match=r"Unknown parameter\(s\) \['k'\]"):
         model.predict(["a fine film"], params={"k": 1})
+
+
+@pytest.mark.parametrize("side, ids, mask", [
+    ("right", [[1, 2, 3, 9, 9], [4, 9, 9, 9, 9]], [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]),
+    ("left", [[9, 9, 1, 2, 3], [9, 9, 9, 9, 4]], [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1]]),
+])
+def test_a_fixed_length_pads_every_batch_to_it_on_its_side(side, ids, mask):
+    collate = PadCollate(pad_value=9, pad_side=side, pad_values={"mask": 0}, length=5)
+    rows = [torch.tensor([1, 2, 3]), torch.tensor([4])]
+    assert collate(rows).inputs.tolist() == ids and collate(rows).lengths.tolist() == [3, 1]
+    batch = collate([{"ids": r, "mask": torch.ones_like(r)} for r in rows])
+    assert batch.inputs["ids"].tolist() == ids and batch.inputs["mask"].tolist() == mask
+    assert batch.lengths.tolist() == [3, 1]
+    same = collate([{"ids": torch.tensor([1, 2])}, {"ids": torch.tensor([3, 4])}])  # equal lengths: padded too
+    assert same.inputs["ids"].shape == (2, 5) and same.lengths.tolist() == [2, 2]
+    with pytest.raises(fm.InputError, match="An example has 6 positions but PadCollate pads to length=5"):
+        collate([torch.arange(6)])
+    with pytest.raises(ValueError, match="length must be None or an int >= 1, got 0"):
+        PadCollate(length=0)
+
+
+def test_lists_of_numbers_are_examples_and_rows_of_other_keys_are_named():
+    batch = PadCollate()([[1, 2, 3], [4]])  # plain Python lists of ids, as a step may return them
+    assert batch.inputs.tolist() == [[1, 2, 3], [4, 0, 0]] and batch.lengths.tolist() == [3, 1]
+    with pytest.raises(fm.InputError, match=r"Cannot batch example: row 1 has keys \['ids', 'extra'\], row 0 has \['ids'\]"):
+        PadCollate()([{"ids": torch.tensor([1])}, {"ids": torch.tensor([2]), "extra": torch.tensor([3])}])
+    with pytest.raises(fm.InputError, match=r"Cannot batch example: row 1 has keys Tensor, row 0 has \['ids'\]"):
+        PadCollate()([{"ids": torch.tensor([1])}, torch.tensor([2])])
