@@ -10,7 +10,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # that does, on the CPU.
 TV_VENV ?= .venv-torchvision
 TV_BIN := $(TV_VENV)/bin
-TV_TORCH ?= torch==2.14.1 torchvision==0.29.1
+# (on aarch64 the CPU pair 2.9.1 / 0.24.1; elsewhere 2.14.1 / 0.29.1, a CUDA build, run on the CPU)
+TV_TORCH ?= $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
 .PHONY: setup setup-torchvision demo typecheck test test-fast test-torchvision bench clean
 
