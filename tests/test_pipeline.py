@@ -456,6 +456,8 @@ def test_a_fixed_length_pads_every_batch_to_it_on_its_side(side, ids, mask):
     assert batch.lengths.tolist() == [3, 1]
     same = collate([{"ids": torch.tensor([1, 2])}, {"ids": torch.tensor([3, 4])}])  # equal lengths: padded too
     assert same.inputs["ids"].shape == (2, 5) and same.lengths.tolist() == [2, 2]
+    assert collate([torch.tensor([1, 2, 3, 4])]).inputs.shape == (1, 5)  # one position short of the length
+    assert collate([{"ids": torch.tensor([1, 2, 3, 4])}]).inputs["ids"].shape == (1, 5)
     with pytest.raises(fm.InputError, match="An example has 6 positions but PadCollate pads to length=5"):
         collate([torch.arange(6)])
     with pytest.raises(ValueError, match="length must be None or an int >= 1, got 0"):
@@ -465,6 +467,8 @@ def test_a_fixed_length_pads_every_batch_to_it_on_its_side(side, ids, mask):
 def test_lists_of_numbers_are_examples_and_rows_of_other_keys_are_named():
     batch = PadCollate()([[1, 2, 3], [4]])  # plain Python lists of ids, as a step may return them
     assert batch.inputs.tolist() == [[1, 2, 3], [4, 0, 0]] and batch.lengths.tolist() == [3, 1]
+    members = PadCollate()([[torch.tensor([1, 2]), torch.tensor([5])], [torch.tensor([3]), torch.tensor([6, 7])]])
+    assert [m.tolist() for m in members.inputs] == [[[1, 2], [3, 0]], [[5, 0], [6, 7]]]  # a list of tensors: members
     with pytest.raises(fm.InputError, match=r"Cannot batch example: row 1 has keys \['ids', 'extra'\], row 0 has \['ids'\]"):
         PadCollate()([{"ids": torch.tensor([1])}, {"ids": torch.tensor([2]), "extra": torch.tensor([3])}])
     with pytest.raises(fm.InputError, match=r"Cannot batch example: row 1 has keys Tensor, row 0 has \['ids'\]"):
