@@ -20,7 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from mlflow_fullmodel.exceptions import ConfigError
-from mlflow_fullmodel.modules import EAGER, ModuleSet
+from mlflow_fullmodel.modules import EAGER
 from mlflow_fullmodel.pipeline import FullModel
 
 __all__ = ["export_eager_modules"]
@@ -52,10 +52,11 @@ def export_eager_modules(model: FullModel, inputs: Sequence[Any], params: Mappin
         examples = examples * 2
     calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
     hooks = [_record_first_call(name, model.modules[name].eval(), calls) for name in eager]
+    strategy = model.forward_strategy
     try:
-        with torch.no_grad():
-            model.forward_strategy(model.modules, model.collate(examples[: model.batch_size]), torch.device("cpu"),
-                                   **{name: values[name] for name in model.forward_strategy.params()})
+        with torch.no_grad():  # not inference_mode: torch.export traces from the recorded inputs
+            strategy(model.modules, model.collate(examples[: model.batch_size]), torch.device("cpu"),
+                     **{name: values[name] for name in strategy.params()})
     finally:
         for hook in hooks:
             hook.remove()
@@ -67,20 +68,19 @@ def export_eager_modules(model: FullModel, inputs: Sequence[Any], params: Mappin
                 "so it cannot be exported from it; export it yourself (torch.export.export) or script it (fm.script)."
             )
         exported[name] = export_module(name, model.modules[name], *calls[name])
-    _check_one_row(model, ModuleSet(exported), examples[0], values, eager)
-    return FullModel(
-        model.preprocess_steps, exported, model.postprocess_steps, forward=model.forward_strategy,
+    programs = FullModel(
+        model.preprocess_steps, exported, model.postprocess_steps, forward=strategy,
         collate=model.collate_fn, input_columns=model.input_columns, batch_size=model.batch_size, device=model.device,
     )
+    _check_one_row(programs, examples[0], values, eager)
+    return programs
 
 
-def _check_one_row(model: FullModel, modules: ModuleSet, example: Any, values: Mapping[str, Any], eager: list[str]) -> None:
+def _check_one_row(model: FullModel, example: Any, values: Mapping[str, Any], eager: list[str]) -> None:
     """Run the programs on one example alone: a size torch.export fixed to the traced batch's
     (a recurrent network's sequence length, a reshape to a constant) fails here, not in serving."""
     try:
-        with torch.inference_mode():
-            model.forward_strategy(modules, model.collate([example]), torch.device("cpu"),
-                                   **{name: values[name] for name in model.forward_strategy.params()})
+        model.forward(model.collate([example]), values)
     except Exception as error:
         raise ConfigError(
             f"The torch.export program of module(s) {eager} fails on one row of the input example alone: "

@@ -189,7 +189,8 @@ def save_model(
             check_parity_of(path, preprocess_digests(fullmodel, rows))
             _announce.info(
                 "Parity check passed in %.1f s: the saved model, reloaded in a clean process, reproduces its %d "
-                "example row(s), alone and in padded batches.", time.perf_counter() - started, len(rows),
+                "example row(s)%s.", time.perf_counter() - started, len(rows),
+                "" if fullmodel.batch_size == 1 else ", alone and in padded batches",  # batch_size=1 never batches
             )
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)

@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 
 from mlflow_fullmodel.exceptions import FullModelError, ParityError
-from mlflow_fullmodel.collate import uncollate
 from mlflow_fullmodel.pipeline import FullModel, records_frame
 from mlflow_fullmodel.storage import load_fullmodel, read_golden
 
@@ -143,13 +142,8 @@ def batch_invariance_problems(model: FullModel, inputs: Sequence[Any], params: M
 
     def reversed_full_batches(examples: list[Any], values: Mapping[str, Any]) -> list[Any]:
         order = list(range(len(examples)))[::-1]
-        outputs: list[Any] = [None] * len(examples)
-        for start in range(0, len(order), model.batch_size):
-            indices = order[start : start + model.batch_size]
-            batch = model.collate([examples[i] for i in indices])
-            for i, output in zip(indices, uncollate(model.forward(batch, values), len(indices))):
-                outputs[i] = output
-        return outputs
+        batches = [order[start : start + model.batch_size] for start in range(0, len(order), model.batch_size)]
+        return model.forward_examples(examples, values, batches=batches)
 
     batched = records_frame(model.predict_records(list(inputs), params, forward_examples=reversed_full_batches))
     return compare_outputs(expected, batched, names=("alone", "in a padded batch"))

@@ -244,11 +244,15 @@ class FullModel:
         records = answer_records(answers)
         return records if errors is None else _with_errors(records, ids, errors, len(rows))
 
-    def forward_examples(self, examples: list[Any], params: Mapping[str, Any], deadline: float | None = None) -> list[Any]:
-        """Pre-processed examples to per-example outputs, in order: length-grouped batches, each
-        collated, run through the forward strategy and split back into rows."""
+    def forward_examples(
+        self, examples: list[Any], params: Mapping[str, Any], deadline: float | None = None,
+        batches: list[list[int]] | None = None,
+    ) -> list[Any]:
+        """Pre-processed examples to per-example outputs, in order: length-grouped batches (or the
+        given ``batches`` of example indices), each collated, run through the forward strategy and
+        split back into rows."""
         outputs: list[Any] = [None] * len(examples)
-        for indices in self.plan_batches(examples):
+        for indices in batches if batches is not None else self.plan_batches(examples):
             _check_deadline(deadline, "forward")
             batch = self.collate([examples[i] for i in indices])
             for i, output in zip(indices, uncollate(self.forward(batch, params), len(indices))):

@@ -178,13 +178,13 @@ class ServedModel:
     model error 500, each with a JSON message and no trace."""
 
     def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None, output_columns: list[str],
-                 limits: RequestLimits, deadline_s: float, admission: Admission | None = None) -> None:
+                 limits: RequestLimits, deadline_s: float, admission: Admission) -> None:
         self.fullmodel = fullmodel
         self.batcher = batcher
         self.output_columns = output_columns  # from the signature: a request whose rows all failed has them too
         self.limits = limits
         self.deadline_s = deadline_s
-        self.admission = admission if admission is not None else Admission(256, default_heavy_requests())
+        self.admission = admission
 
     def get_raw_model(self) -> FullModel:
         return self.fullmodel

@@ -4,13 +4,9 @@ served over HTTP with base64 PNG files."""
 
 from __future__ import annotations
 
-import base64
 import importlib.util
-import io
 import json
 import re
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +15,7 @@ import pandas as pd
 import pytest
 import requests
 from conftest import serve, stop, train_example
+from images import b64, claimed_size_png, png
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.parity import ABS_TOL, REL_TOL
@@ -40,29 +37,6 @@ def _load_digits_module():
 
 digits = _load_digits_module()
 PNGS, LABELS = digits.load_pngs(40, seed=123)  # rendered like the training data; mostly held out
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def blank_png(width: int, height: int) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("L", (width, height), 255).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def claimed_size_png(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose header (with a valid CRC) claims ``width`` x ``height`` pixels."""
-    data = bytearray(PNGS[0][:8] + PNGS[0][8:33])  # signature + IHDR chunk
-    data[16:24] = struct.pack(">II", width, height)
-    data[24:26] = b"\x08\x00"  # 8-bit grayscale
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    idat = zlib.compress(b"\x00\x00")
-    chunk = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
-    return bytes(data) + chunk + b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +197,7 @@ BAD_IMAGES = {
     "decompression bomb": (b64(claimed_size_png(100_000, 100_000)), r"Row 1: preprocess\[0\] DecodeImage: the image is too large: .*max_pixels=4194304"),
     "zero bytes": ("", r"Row 1: preprocess\[0\] DecodeImage: the data is empty, not an image"),
     # 262,144 pixels pass DecodeImage's max_pixels; resized to the shorter side the model reads, millions wide.
-    "aspect-ratio bomb": (b64(blank_png(262_144, 1)), r"Row 1: preprocess\[1\] Resize: resizing the 262144x1 image .* "
+    "aspect-ratio bomb": (b64(png(262_144, 1, color=255)), r"Row 1: preprocess\[1\] Resize: resizing the 262144x1 image .* "
                                                       r"over the limit of max_pixels"),
     # MLflow decodes base64 for binary columns before the model is called, so this message is
     # MLflow's: it names the column, not the row.
