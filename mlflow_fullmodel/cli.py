@@ -1,4 +1,4 @@
-"""The ``mlflow-fullmodel`` command: thin click commands over ``verification`` and ``lifecycle``.
+"""The ``mlflow-fullmodel`` command: thin click commands over ``verification``, ``lifecycle`` and ``env_cache``.
 
 Every error is one line, ``Error: ...``, with exit code 1 (or 2 for a usage error), no traceback.
 """
@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import click
 
 import mlflow_fullmodel
+from mlflow_fullmodel.env_cache import ENV_CACHE_VARIABLE, CachedEnv
 from mlflow_fullmodel.exceptions import FullModelError
 
 
@@ -195,6 +196,102 @@ def promote(name: str, version: str | None, alias: str, from_alias: str | None, 
     before = f" (it was on version {done.previous})" if done.previous and done.previous != done.version else ""
     click.echo(f"Promoted {name} version {done.version} to @{alias}{before}: verified "
                f"{', '.join(done.verification.checks)}; digest {done.verification.digest}.")
+
+
+@main.group()
+def envs() -> None:
+    """List and remove the environments that --fresh-env builds from a model's requirements.txt
+    (1.7-1.8 GB each with torch), kept under $MLFLOW_FULLMODEL_ENV_CACHE, by default
+    ~/.cache/mlflow-fullmodel/envs, one per set of requirements."""
+
+
+def _size(n: float) -> str:
+    """Bytes in decimal units, as disk sizes are sold: 1.8 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if round(n, 1) < 1000:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _when(timestamp: float) -> str:
+    import time
+
+    age = max(0.0, time.time() - timestamp)
+    ago = f"{age // 60:.0f} min" if age < 3600 else f"{age // 3600:.0f} h" if age < 86400 else \
+        f"{age // 86400:.0f} day{'s' if age >= 2 * 86400 else ''}"
+    return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(timestamp))} ({ago} ago)"
+
+
+def _requirement_lines(text: str) -> list[str]:
+    return [line for line in (raw.split("#", 1)[0].strip() for raw in text.splitlines()) if line]
+
+
+def _requirements_summary(env: CachedEnv) -> str:
+    state = "" if env.ready else "incomplete build; "
+    if env.requirements is None:
+        return state + "requirements not recorded"
+    lines = [line for line in _requirement_lines(env.requirements) if not line.startswith("-")]
+    more = f", +{len(lines) - 3} more" if len(lines) > 3 else ""
+    return state + (", ".join(lines[:3]) + more if lines else "no requirements")
+
+
+@envs.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def envs_list(as_json: bool) -> None:
+    """Show each cached environment, most recently used first: its requirements hash (the folder's
+    name), size, last use and the requirements it was built from."""
+    from datetime import datetime, timezone
+
+    from mlflow_fullmodel.env_cache import cache_dir, list_envs
+
+    with _errors_as_messages():
+        found = list_envs()
+    total = sum(env.size for env in found)
+    if as_json:
+        click.echo(json.dumps({"cache": cache_dir(), "total_bytes": total, "envs": [
+            {"key": env.key, "path": env.path, "size_bytes": env.size, "ready": env.ready,
+             "last_used": datetime.fromtimestamp(env.last_used, timezone.utc).isoformat(timespec="seconds"),
+             "last_used_timestamp": env.last_used,
+             "requirements": None if env.requirements is None else _requirement_lines(env.requirements)}
+            for env in found]}, indent=2))
+        return
+    if not found:
+        click.echo(f"No cached environments in {cache_dir()} (set ${ENV_CACHE_VARIABLE} to keep them elsewhere).")
+        return
+    click.echo(f"{'hash':<16}  {'size':>8}  {'last use':<30}  requirements")
+    for env in found:
+        click.echo(f"{env.key:<16}  {_size(env.size):>8}  {_when(env.last_used):<30}  {_requirements_summary(env)}")
+    click.echo(f"{len(found)} environment{'s' if len(found) > 1 else ''}, {_size(total)} in total, in {cache_dir()} "
+               f"(set ${ENV_CACHE_VARIABLE} to keep them elsewhere; remove them with: mlflow-fullmodel envs prune)")
+
+
+@envs.command(name="prune")
+@click.option("--older-than", type=click.FloatRange(min=0), metavar="DAYS",
+              help="Remove the environments last used more than DAYS days ago.")
+@click.option("--all", "remove_all", is_flag=True, help="Remove every cached environment.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
+def envs_prune(older_than: float | None, remove_all: bool, dry_run: bool) -> None:
+    """Remove cached environments: those last used more than DAYS days ago, or all. A half-built
+    one (an interrupted build) counts from its last write. The next --fresh-env check of the same
+    requirements builds its environment again (minutes: it installs torch)."""
+    from mlflow_fullmodel.env_cache import cache_dir, prune_envs
+
+    if (older_than is None) == (not remove_all):
+        raise click.UsageError("give --older-than DAYS (remove the environments last used more than DAYS days ago) "
+                               "or --all, not both and not neither.")
+    with _errors_as_messages():
+        result = prune_envs(older_than, remove_all=remove_all, dry_run=dry_run)
+    if not result.removed:
+        which = "" if remove_all else f" last used more than {older_than:g} days ago"
+        click.echo(f"Nothing to remove: no cached environment{which} in {cache_dir()}.")
+        return
+    for env in result.removed:
+        click.echo(f"{'Would remove' if dry_run else 'Removed'} {env.key} ({_size(env.size)}, last used "
+                   f"{_when(env.last_used)}): {_requirements_summary(env)}")
+    count = f"{len(result.removed)} environment{'s' if len(result.removed) > 1 else ''}"
+    click.echo(f"{'Would free' if dry_run else 'Freed'} {_size(result.freed)} ({count}) in {cache_dir()}."
+               + (" Nothing was removed (--dry-run)." if dry_run else ""))
 
 
 if __name__ == "__main__":

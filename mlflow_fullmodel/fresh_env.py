@@ -3,7 +3,7 @@
 This is what a deployment does: install what the model says it needs (mlflow-fullmodel is not among
 it: the runtime travels inside the model), load it, answer. Environments are cached by the sha256
 of the requirements, under ``MLFLOW_FULLMODEL_ENV_CACHE`` (default ``~/.cache/mlflow-fullmodel/envs``),
-so a second check of the same requirements installs nothing.
+so a second check of the same requirements installs nothing; ``env_cache`` lists and prunes them.
 """
 
 from __future__ import annotations
@@ -15,20 +15,13 @@ import shutil
 import subprocess
 import sys
 
+from mlflow_fullmodel.env_cache import ENV_CACHE_VARIABLE, READY_MARKER, REQUIREMENTS_RECORD, cache_dir, mark_used
 from mlflow_fullmodel.exceptions import ParityError
 from mlflow_fullmodel.parity import check_parity
 
 __all__ = ["ENV_CACHE_VARIABLE", "check_parity_in_fresh_env", "fresh_env"]
 
 _logger = logging.getLogger(__name__)
-
-ENV_CACHE_VARIABLE = "MLFLOW_FULLMODEL_ENV_CACHE"
-_READY = ".fullmodel-env-ready"
-
-
-def _cache_dir() -> str:
-    default = os.path.join(os.path.expanduser("~"), ".cache", "mlflow-fullmodel", "envs")
-    return os.environ.get(ENV_CACHE_VARIABLE, default)
 
 
 def fresh_env(requirements_file: str, timeout: float = 1800) -> str:
@@ -39,14 +32,18 @@ def fresh_env(requirements_file: str, timeout: float = 1800) -> str:
         ParityError: With ``stage`` "install", naming what pip said, when installing fails.
     """
     with open(requirements_file, "rb") as f:
-        key = hashlib.sha256(f.read()).hexdigest()[:16]
-    env = os.path.join(_cache_dir(), key)
+        requirements = f.read()
+    key = hashlib.sha256(requirements).hexdigest()[:16]
+    env = os.path.join(cache_dir(), key)
     python = os.path.join(env, "bin", "python")
-    if os.path.exists(os.path.join(env, _READY)):
+    if os.path.exists(os.path.join(env, READY_MARKER)):
         _logger.info("Reusing the environment %s for %s", env, requirements_file)
+        mark_used(env)  # what `mlflow-fullmodel envs prune --older-than` goes by
         return python
     shutil.rmtree(env, ignore_errors=True)  # a half-built one from an interrupted run
-    os.makedirs(os.path.dirname(env), exist_ok=True)
+    os.makedirs(env)
+    with open(os.path.join(env, REQUIREMENTS_RECORD), "wb") as f:  # so `envs list` can say what it holds
+        f.write(requirements)
     _logger.info("Building an environment from %s in %s (minutes the first time)", requirements_file, env)
     steps = [
         [sys.executable, "-m", "venv", env],
@@ -62,7 +59,7 @@ def fresh_env(requirements_file: str, timeout: float = 1800) -> str:
                 f"failed: {' / '.join(said[-3:])}",
                 stage="install",
             )
-    with open(os.path.join(env, _READY), "w") as f:
+    with open(os.path.join(env, READY_MARKER), "w") as f:
         f.write(requirements_file + "\n")
     return python
 
