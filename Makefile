@@ -13,7 +13,7 @@ TV_BIN := $(TV_VENV)/bin
 # (on aarch64 the CPU pair 2.9.1 / 0.24.1; elsewhere 2.14.1 / 0.29.1, a CUDA build, run on the CPU)
 TV_TORCH ?= $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
-.PHONY: setup setup-torchvision demo typecheck test test-fast test-torchvision bench clean
+.PHONY: setup setup-torchvision demo typecheck test test-fast test-busy test-torchvision dist bench clean
 
 $(BIN)/.installed: requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,8 @@ demo: setup  ## train, log, register and serve the examples; send a request; pri
 typecheck: setup  ## mypy over the package (configured in setup.cfg)
 	$(BIN)/python -m mypy mlflow_fullmodel
 
-test: setup setup-torchvision typecheck  ## type check, then the whole test suite, end-to-end tests included
+# The torchvision environment (about 7 GB) is built only once the main suite has passed.
+test: setup typecheck  ## type check, then the whole test suite, end-to-end tests included
 	$(BIN)/python -m pytest
 	$(MAKE) test-torchvision
 
@@ -50,8 +51,15 @@ test-torchvision: setup-torchvision  ## the image example with torchvision pre-p
 test-fast: setup  ## without the end-to-end tests
 	$(BIN)/python -m pytest -m "not slow"
 
+test-busy:  ## `make test` with every core kept busy by another process, as on a loaded machine
+	bash .ci/test-under-load
+
+dist: setup  ## the wheel and source distribution, under dist/
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
 bench: setup
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(TV_VENV) mlruns mlflow.db .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TV_VENV) mlruns mlflow.db .pytest_cache build dist *.egg-info

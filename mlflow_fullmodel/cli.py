@@ -66,8 +66,10 @@ def verify(model_uri: str, public_key: str | None, fresh_env: bool) -> None:
               help="Serve only a model signed with the private half of this PEM public key.")
 @click.option("--max-body-bytes", default=64 * 1024 * 1024, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-json-depth", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", "-w", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Worker processes, each with its own copy of the model (as mlflow models serve -w).")
 def serve_command(model_uri: str, host: str, port: int, public_key: str | None, max_body_bytes: int,
-                  max_json_depth: int) -> None:
+                  max_json_depth: int, workers: int) -> None:
     """Verify a model, then serve it as `mlflow models serve` does (same payloads, same answers),
     with bad requests refused cleanly: a missing Content-Type, a body or JSON nesting over the
     limits, unknown params; every error a JSON body without trace, path or echo of the request."""
@@ -78,7 +80,7 @@ def serve_command(model_uri: str, host: str, port: int, public_key: str | None, 
         report = verify_model(model_uri, public_key=public_key)
     click.echo(f"Verified {model_uri} ({report.digest}; {', '.join(report.checks)}); serving on http://{host}:{port}",
                err=True)
-    serve_verified(report.local_path, host, port, max_body_bytes, max_json_depth)
+    serve_verified(report.local_path, host, port, max_body_bytes, max_json_depth, workers)
 
 
 @main.command()

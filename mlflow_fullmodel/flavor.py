@@ -492,5 +492,5 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Serve
     signature = Model.load(os.path.join(root, MLMODEL_FILE_NAME)).signature
     outputs = signature.outputs.input_names() if signature is not None and signature.outputs is not None else []
     inputs = signature.inputs.inputs if signature is not None and signature.inputs is not None else []
-    binary = {str(c.name) for c in inputs if getattr(c, "type", None) == DataType.binary}
-    return serve(fullmodel, config, [str(name) for name in outputs], frozenset(binary))
+    types = {str(c.name): c.type.name for c in inputs if isinstance(getattr(c, "type", None), DataType)}
+    return serve(fullmodel, config, [str(name) for name in outputs], types)

@@ -10,6 +10,8 @@ the unchanged app (same payload formats, same answers) that answers those with a
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -17,7 +19,9 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-__all__ = ["Guard", "json_depth", "serve_verified"]
+import anyio.to_thread
+
+__all__ = ["Guard", "json_depth", "request_values", "sanitized", "scrubbed", "serve_verified"]
 
 _logger = logging.getLogger(__name__)
 
@@ -32,7 +36,19 @@ _MAX_MESSAGE_CHARS = 2000
 
 # MLflow's scoring server prefixes messages with "Failed to predict data '<the request>'. \nError: ".
 _ECHO = re.compile(r"^Failed to predict data .*?\nError: ", re.DOTALL)
+# ... and its schema check with "Failed to enforce schema of data '<the request's frame>' with schema
+# '<the signature>'. Error: " (greedy: the frame may hold the same words).
+_SCHEMA_ECHO = re.compile(r"^Failed to enforce schema of data '.*' with schema '(?P<schema>.*?)'\. ?Error: ",
+                          re.DOTALL)
 _PATH = re.compile(r"(?<![\w:])(?:/[\w.@+-]+){2,}/?")
+#: Request values shorter than this are not searched for in error messages: they would match
+#: ordinary words of the message itself.
+_MIN_SCRUBBED_CHARS = 6
+#: pandas shows a long cell cut short; a value's opening characters are searched for too.
+_SCRUBBED_PREFIX_CHARS = 12
+#: A message longer than this is an echo of the request, whatever else it says.
+_MAX_SCRUBBED_CHARS = 20_000
+_REDACTED = "<request data>"
 
 
 def json_depth(body: bytes) -> int:
@@ -60,8 +76,56 @@ def json_depth(body: bytes) -> int:
 
 def sanitized(message: str) -> str:
     """An error message without MLflow's echo of the request, without file paths, of bounded size."""
-    message = _PATH.sub("<path>", _ECHO.sub("", message))
+    message = _ECHO.sub("", message)
+    message = _SCHEMA_ECHO.sub(lambda m: f"The request does not match the model's input schema {m['schema']}: ", message)
+    message = _PATH.sub("<path>", message)
     return message if len(message) <= _MAX_MESSAGE_CHARS else message[:_MAX_MESSAGE_CHARS] + "... (cut)"
+
+
+def scrubbed(message: str, values: Iterable[str], keep: Iterable[str] = ()) -> str:
+    """``message`` with every value of the request in it (whole, or its opening characters as pandas
+    shows a long cell) replaced, except the model's own names in ``keep``: an error answer never
+    carries the request's data back, wherever in MLflow or the model the message was made."""
+    if len(message) > _MAX_SCRUBBED_CHARS:
+        return "The request was refused; the error message held the request's data and is withheld."
+    kept = set(keep)
+    for value in sorted({v for v in values if len(v) >= _MIN_SCRUBBED_CHARS and v not in kept}, key=len, reverse=True):
+        for fragment in (value, value[:_SCRUBBED_PREFIX_CHARS]):
+            if fragment in message and fragment not in kept:
+                message = message.replace(fragment, _REDACTED)
+    return message
+
+
+def request_values(body: bytes, content_type: str) -> set[str]:
+    """The strings a request body holds (JSON strings and keys, CSV cells, Parquet string cells),
+    as far as it can be read; for a body that is none of these, its lines."""
+    text = body.decode("utf-8", errors="replace")
+    kind = content_type.split(";")[0].strip().lower()
+    try:
+        if kind == "application/json":
+            return set(_json_strings(json.loads(text)))
+        if kind == "text/csv":
+            return {cell for row in csv.reader(io.StringIO(text)) for cell in row}
+        if kind == "application/vnd.apache.parquet":
+            import pandas as pd
+
+            frame = pd.read_parquet(io.BytesIO(body))
+            return {str(c) for c in frame.columns} | {v for column in frame for v in frame[column] if isinstance(v, str)}
+    except Exception:  # unreadable as its type: fall back to its lines and words between quotes
+        pass
+    return {line.strip() for line in text.splitlines()} | set(re.findall(r'"([^"\\]{6,})"', text))
+
+
+def _json_strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _json_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_strings(item)
 
 
 class Guard:
@@ -72,14 +136,17 @@ class Guard:
         params: The model's runtime parameter names; any other name in ``"params"`` is refused.
         max_body_bytes: The largest request body read.
         max_json_depth: The deepest nesting of a JSON body.
+        names: The model's own names (input columns, parameters): kept in error messages even where
+            a request holds the same text.
     """
 
     def __init__(self, app: Any, params: Iterable[str], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 max_json_depth: int = DEFAULT_MAX_JSON_DEPTH) -> None:
+                 max_json_depth: int = DEFAULT_MAX_JSON_DEPTH, names: Iterable[str] = ()) -> None:
         self.app = app
         self.params = sorted(params)
         self.max_body_bytes = max_body_bytes
         self.max_json_depth = max_json_depth
+        self.names = sorted(set(names) | set(self.params))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") != "/invocations" or scope.get("method") != "POST":
@@ -87,22 +154,26 @@ class Guard:
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         content_type = headers.get(b"content-type", b"").decode("latin-1").strip()
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                await _answer(send, 413, "BAD_REQUEST", f"The request body is over {self.max_body_bytes} bytes, the "
-                              "limit of this server (mlflow-fullmodel serve --max-body-bytes).")
-                return
-            if not message.get("more_body", False):
-                break
+        declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+        if declared and not declared.isdigit():
+            await _answer(send, 400, "BAD_REQUEST", "The Content-Length header is not a number of bytes.")
+            return
+        # Refused before a byte of the body is read: the client has said how large it is.
+        if declared and int(declared) > self.max_body_bytes:
+            await self._too_large(send)
+            return
+        body = await self._read_body(receive)
+        if body is None:
+            await self._too_large(send)
+            return
         if not content_type:
             await _answer(send, 415, "BAD_REQUEST", "The request has no Content-Type header; send application/json "
                           "(or text/csv, or application/vnd.apache.parquet).")
             return
         if content_type.split(";")[0].strip().lower() == "application/json":
-            problem = self._json_problem(body)
+            # Off the event loop: scanning and parsing a large body takes long enough to hold up
+            # every other request the server is answering.
+            problem = await anyio.to_thread.run_sync(self._json_problem, body)
             if problem is not None:
                 await _answer(send, 400, "INVALID_PARAMETER_VALUE", problem)
                 return
@@ -126,7 +197,29 @@ class Guard:
             await send(start)
             await send({"type": "http.response.body", "body": payload})
             return
-        await _answer(send, status, *_error_of(payload, status))
+        error_code, message = _error_of(payload, status)
+        message = await anyio.to_thread.run_sync(
+            lambda: scrubbed(message, request_values(body, content_type), self.names))
+        await _answer(send, status, error_code, message)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it passes ``max_body_bytes`` (a chunked body has no
+        Content-Length to refuse it by)."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _too_large(self, send: Send) -> None:
+        await _answer(send, 413, "BAD_REQUEST", f"The request body is over {self.max_body_bytes} bytes, the limit of "
+                      "this server (mlflow-fullmodel serve --max-body-bytes).")
 
     def _json_problem(self, body: bytes) -> str | None:
         depth = json_depth(body)
@@ -143,7 +236,7 @@ class Guard:
         # have turned it into the text "None" first.
         returns_errors = isinstance(payload, dict) and isinstance(payload.get("params"), dict) and \
             payload["params"].get("on_error") == "return"
-        null = _first_null(payload, ("inputs", "instances") if returns_errors else _ROW_KEYS)
+        null = _first_null(payload, ("inputs", "instances") if returns_errors else _ROW_KEYS, self.names)
         if null is not None:
             return null
         given = payload.get("params") if isinstance(payload, dict) else None
@@ -152,15 +245,22 @@ class Guard:
                 return f'"params" must be an object of parameter names and values, got {type(given).__name__}.'
             unknown = sorted(set(given) - set(self.params))
             if unknown:
-                return f"Unknown parameter(s) {unknown}. Valid parameters are: {self.params}."
+                return _unknown_params(unknown, self.params)
         return None
+
+
+def _unknown_params(unknown: list[str], valid: list[str]) -> str:
+    """Which parameters a request got wrong, without repeating its names back (they are its data)."""
+    hints = [f"'{name}'" for name in valid if any(u.lower() == name.lower() for u in unknown)]
+    hint = f" Names are case-sensitive: did you mean {', '.join(hints)}?" if hints else ""
+    return f"{len(unknown)} unknown parameter(s) in \"params\". Valid parameters are: {valid}.{hint}"
 
 
 #: The JSON keys that hold a request's rows.
 _ROW_KEYS = ("dataframe_records", "dataframe_split", "inputs", "instances")
 
 
-def _first_null(payload: Any, keys: tuple[str, ...] = _ROW_KEYS) -> str | None:
+def _first_null(payload: Any, keys: tuple[str, ...] = _ROW_KEYS, names: Iterable[str] = ()) -> str | None:
     """A message naming the first null value among the request's rows: MLflow's server turns a null
     into the text "None" (``inputs``, ``instances``) or fails to convert its column without
     naming the row, before the model sees it."""
@@ -182,7 +282,8 @@ def _first_null(payload: Any, keys: tuple[str, ...] = _ROW_KEYS) -> str | None:
             if isinstance(row, dict):
                 for column, value in row.items():
                     if value is None:
-                        return f"Row {index}, column {sanitized(str(column))[:100]!r}: value is missing (null)."
+                        shown = f"column '{column}'" if column in names else "a column the model does not take"
+                        return f"Row {index}, {shown}: value is missing (null)."
     return None
 
 
@@ -195,7 +296,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _DuplicateKey(f"The JSON body has the key {sanitized(key)[:100]!r} twice in one object; send it once.")
+            raise _DuplicateKey("The JSON body has a key twice in one object; send each key once.")
         result[key] = value
     return result
 
@@ -218,17 +319,40 @@ async def _answer(send: Send, status: int, error_code: str, message: str) -> Non
     await send({"type": "http.response.body", "body": body})
 
 
+#: How ``serve_verified`` hands its settings to each worker process it starts.
+_SETTINGS_VARIABLE = "MLFLOW_FULLMODEL_GUARD_SETTINGS"
+
+
 def serve_verified(model_path: str, host: str, port: int, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                   max_json_depth: int = DEFAULT_MAX_JSON_DEPTH) -> None:
+                   max_json_depth: int = DEFAULT_MAX_JSON_DEPTH, workers: int = 1) -> None:
     """Serve the local, already verified MLflow model at ``model_path`` until interrupted: MLflow's
-    scoring app, as ``mlflow models serve`` runs it (one worker), behind ``Guard``."""
+    scoring app, as ``mlflow models serve`` runs it, behind ``Guard``, in ``workers`` processes
+    (each loads the model)."""
     import uvicorn
     from mlflow.pyfunc import scoring_server
 
+    from mlflow_fullmodel.serving import NUM_THREADS_VARIABLE, default_thread_count
+
     # As under `mlflow models serve`: the model sees that it is in a scoring server (threads, tuning).
     os.environ[scoring_server._SERVER_MODEL_PATH] = model_path
-    model = scoring_server.load_model_with_mlflow_config(model_path)
+    # The workers share the cores: each takes its part unless the user set the threads.
+    os.environ.setdefault(NUM_THREADS_VARIABLE, str(default_thread_count(workers)))
+    os.environ[_SETTINGS_VARIABLE] = json.dumps({"model_path": model_path, "max_body_bytes": max_body_bytes,
+                                                 "max_json_depth": max_json_depth})
+    uvicorn.run("mlflow_fullmodel.hardened:guarded_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info")
+
+
+def guarded_app() -> Guard:
+    """The ASGI app of one worker of ``serve_verified``: the model loaded as MLflow's scoring server
+    loads it, its app behind ``Guard``."""
+    from mlflow.pyfunc import scoring_server
+
+    settings = json.loads(os.environ[_SETTINGS_VARIABLE])
+    model = scoring_server.load_model_with_mlflow_config(settings["model_path"])
     schema = model.metadata.get_params_schema()
     params = [spec.name for spec in schema.params] if schema is not None else []
-    app = Guard(scoring_server.init(model), params, max_body_bytes, max_json_depth)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    inputs = model.metadata.get_input_schema()
+    columns = [str(name) for name in inputs.input_names()] if inputs is not None and inputs.has_input_names() else []
+    return Guard(scoring_server.init(model), params, settings["max_body_bytes"], settings["max_json_depth"],
+                 names=columns)

@@ -33,6 +33,7 @@ from mlflow.protos.databricks_pb2 import (
 from mlflow_fullmodel.batching import MicroBatcher
 from mlflow_fullmodel.exceptions import DeadlineError, FullModelError, InputError, ModelError, ParamError
 from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, brief, records_frame
+from mlflow_fullmodel.schema import check_column_types
 
 __all__ = ["SETTINGS", "RequestLimits", "ServedModel", "ServingError", "default_thread_count", "serve", "serving_config", "set_thread_count", "tune_scoring_server"]
 
@@ -178,19 +179,22 @@ class ServedModel:
     model error 500, each with a JSON message and no trace."""
 
     def __init__(self, fullmodel: FullModel, batcher: MicroBatcher | None, output_columns: list[str],
-                 limits: RequestLimits, deadline_s: float, admission: Admission) -> None:
+                 limits: RequestLimits, deadline_s: float, admission: Admission,
+                 input_types: Mapping[str, str] | None = None) -> None:
         self.fullmodel = fullmodel
         self.batcher = batcher
         self.output_columns = output_columns  # from the signature: a request whose rows all failed has them too
         self.limits = limits
         self.deadline_s = deadline_s
         self.admission = admission
+        self.input_types = dict(input_types or {})  # from the signature: column -> MLflow type name
 
     def get_raw_model(self) -> FullModel:
         return self.fullmodel
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
         try:
+            check_column_types(data, self.input_types)
             samples = self.limits.check(data, self.fullmodel.samples_per_row(params))
             with self.admission.admit(samples):
                 if self.batcher is not None:
@@ -221,6 +225,8 @@ class ServedModel:
         return records_frame(records)
 
 
+NUM_THREADS_VARIABLE = "MLFLOW_FULLMODEL_NUM_THREADS"
+
 #: Serving settings: pyfunc ``model_config`` key -> (environment variable, default, type).
 _SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
     "device": ("MLFLOW_FULLMODEL_DEVICE", "cpu", str),
@@ -232,7 +238,7 @@ _SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
     "max_wait_ms": ("MLFLOW_FULLMODEL_MAX_WAIT_MS", 2.0, float),
     # None: in a scoring server half the cores, shared by its workers (default_thread_count);
     # torch's default elsewhere.
-    "num_threads": ("MLFLOW_FULLMODEL_NUM_THREADS", None, int),
+    "num_threads": (NUM_THREADS_VARIABLE, None, int),
     # Process-wide settings for a scoring server's own process (see tune_scoring_server).
     "tune_server": ("MLFLOW_FULLMODEL_TUNE_SERVER", True, bool),
     # Limits on one request, checked before any work (see RequestLimits).
@@ -352,7 +358,7 @@ def set_thread_count(config: Mapping[str, Any]) -> None:
 
 
 def serve(fullmodel: FullModel, config: Mapping[str, Any], output_columns: list[str],
-          binary_columns: frozenset[str] = frozenset()) -> ServedModel:
+          input_types: Mapping[str, str] | None = None) -> ServedModel:
     """The pyfunc wrapper of a loaded model, with micro-batching as configured, the scoring
     server's process tuned last (it freezes what loading created)."""
     batching = config["batching"]
@@ -364,7 +370,8 @@ def serve(fullmodel: FullModel, config: Mapping[str, Any], output_columns: list[
                                max_wait_ms=config["max_wait_ms"])
     if config["tune_server"]:
         tune_scoring_server()
+    binary_columns = frozenset(c for c, kind in (input_types or {}).items() if kind == "binary")
     limits = RequestLimits(config["max_rows"], config["max_text_chars"], config["max_bytes"], config["max_samples"],
                            binary_columns)
     admission = Admission(config["heavy_samples"], config["max_heavy_requests"] or default_heavy_requests())
-    return ServedModel(fullmodel, batcher, output_columns, limits, config["deadline_s"], admission)
+    return ServedModel(fullmodel, batcher, output_columns, limits, config["deadline_s"], admission, input_types)

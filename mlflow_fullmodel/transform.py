@@ -130,11 +130,11 @@ class Param:
         """Return ``value`` converted to this parameter's type, or raise ``ParamError``."""
         value = _coerce(name, value, self.type)
         if self.minimum is not None and value < self.minimum:
-            raise ParamError(f"Parameter '{name}' must be >= {self.minimum}, got {value!r}.")
+            raise ParamError(f"Parameter '{name}' must be >= {self.minimum}, got {_shown(value)}.")
         if self.maximum is not None and value > self.maximum:
-            raise ParamError(f"Parameter '{name}' must be <= {self.maximum}, got {value!r}.")
+            raise ParamError(f"Parameter '{name}' must be <= {self.maximum}, got {_shown(value)}.")
         if self.choices is not None and value not in self.choices:
-            raise ParamError(f"Parameter '{name}' must be one of {self.choices}, got {value!r}.")
+            raise ParamError(f"Parameter '{name}' must be one of {self.choices}, got {_shown(value)}.")
         return value
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,10 +177,17 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise ParamError(
-        f"Parameter '{name}' must be of type {kind.__name__}, got {type(value).__name__} "
-        f"({value!r})."
-    )
+    raise ParamError(f"Parameter '{name}' must be of type {kind.__name__}, got {_shown(value)}.")
+
+
+def _shown(value: Any) -> str:
+    """A parameter value as an error message may show it: a number as it is, anything else by its
+    type and size only, since a request's text goes back to whoever sent it (and into logs)."""
+    if isinstance(value, (bool, int, float)) and len(repr(value)) <= 32:
+        return repr(value)
+    if isinstance(value, (str, bytes, list, tuple, dict)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"a {type(value).__name__}"
 
 
 class Configurable:

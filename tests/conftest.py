@@ -5,37 +5,57 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pytest
-import requests
 import torch
 from sample_steps import LABELS, BagOfIds, Normalize, corpus, train_tokenizer
+from servers import become_subreaper, free_port, leftover_processes, serve, start, stop, stop_all, wait_for
+from support import EXAMPLE_TEXTS, HF_SPECIAL_TOKENS, IMAGE_EXAMPLE, TEXT_EXAMPLE, latest_run, train_example
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
 
-EXAMPLE_TEXTS = ["What a GREAT film!", "Dull  and boring.", "The plot was superb, the actor wonderful"]
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A server's worker orphaned by a crash is adopted by this process, so the check at the end finds it.
+    become_subreaper()
+    # A run stopped with SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: fixtures stop their servers.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures have stopped their servers
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A test run leaves no process behind: whatever is still running now failed to stop in its
+    fixture; it is stopped here, and the run fails naming it."""
+    stop_all()
+    left = leftover_processes()
+    if not left:
+        return
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    leftover_processes()  # reaps them
+    listing = "\n".join(f"  {pid}: {command[:200]}" for pid, command in left)
+    session.config.get_terminal_writer().line(f"\nThe test run left {len(left)} process(es) running (now killed):\n"
+                                               f"{listing}", red=True)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
 def spm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("tokenizer")
     return train_tokenizer([text for text, _ in corpus(400)], str(folder / "spm"))
-
-
-#: The special tokens of ``hf_tokenizer_path``, by id: the pad id is not 0, so that padding the
-#: ids and padding the attention mask take different values.
-HF_SPECIAL_TOKENS = ["[UNK]", "[PAD]", "[CLS]", "[SEP]"]
 
 
 @pytest.fixture(scope="session")
@@ -107,23 +127,6 @@ def registered_reviews(tracking: str, text_model: fm.FullModel) -> mlflow.models
     return info
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "example_projects"
-#: The registered names of the example models trained once per test session.
-TEXT_EXAMPLE, IMAGE_EXAMPLE = "example-text", "example-images"
-
-
-def train_example(project: str, tracking_uri: str, workdir: Path, *arguments: str) -> str:
-    """One tiny training run of an example project, as a user runs it: a script in its own process;
-    returns what it printed."""
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / project / "train.py"), "--tiny", "--tracking-uri", tracking_uri, *arguments],
-        cwd=workdir, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, PYTHONPATH=""),  # the script must find its own modules by itself
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
-
-
 @pytest.fixture(scope="session")
 def text_example(tracking: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The text classifier example, trained once and registered as ``example-text@champion``."""
@@ -131,12 +134,6 @@ def text_example(tracking: str, tmp_path_factory: pytest.TempPathFactory) -> dic
                            "--registered-model-name", TEXT_EXAMPLE)
     assert f"mlflow models serve -m models:/{TEXT_EXAMPLE}@champion" in stdout
     return {"run": latest_run("text-classifier"), "stdout": stdout}
-
-
-def latest_run(experiment: str) -> mlflow.entities.Run:
-    return mlflow.MlflowClient().search_runs(
-        [mlflow.get_experiment_by_name(experiment).experiment_id], order_by=["start_time DESC"]
-    )[0]
 
 
 @pytest.fixture(scope="session")
@@ -152,72 +149,11 @@ def image_example(tracking: str, tmp_path_factory: pytest.TempPathFactory) -> di
     return {"versions": versions, "runs": runs, "stdout": stdout}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(model_uri: str, tracking_uri: str, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `mlflow models serve` on loopback and wait until it answers /ping."""
-    port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **(extra_env or {}))
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    process = start(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_for(f"{url}/ping", process, "mlflow models serve")
-    return process, url
-
-
-def stop(process: subprocess.Popen) -> None:
-    import signal
-
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="session")
 def champion_server(tracking: str, registered_reviews) -> Iterator[str]:
     process, url = serve("models:/reviews@champion", tracking)
     yield url
     stop(process)
-
-
-def start(command: list[str], env: dict[str, str], cwd: str | Path | None = None) -> subprocess.Popen:
-    """Start a server in its own process group, its output in a log file: a pipe nobody reads
-    fills up and blocks the server in its next log line."""
-    log = tempfile.NamedTemporaryFile(prefix="fullmodel-server-", suffix=".log", delete=False)
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    process.log_path = log.name  # type: ignore[attr-defined]
-    return process
-
-
-def server_log(process: subprocess.Popen) -> str:
-    with open(process.log_path, errors="replace") as f:  # type: ignore[attr-defined]
-        return f.read()[-3000:]
-
-
-def wait_for(url: str, process: subprocess.Popen, what: str, seconds: float = 120) -> None:
-    """Wait until ``url`` answers 200, or fail with what ``process`` printed."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited:\n{server_log(process)}")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    stop(process)
-    raise RuntimeError(f"{what} did not answer {url} within {seconds:.0f} s")
 
 
 def _postgres_bin() -> Path | None:
@@ -282,25 +218,3 @@ def tracking_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> 
     wait_for(f"{url}/health", process, "mlflow server", seconds=180)
     yield TrackingServer(url, folder / "artifacts")
     stop(process)
-
-
-@contextmanager
-def tracking_uri(uri: str, experiment: str = "tests") -> Iterator[None]:
-    """Point this process's MLflow client at ``uri`` (and its experiment ``experiment``) for a while."""
-    before = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
-              mlflow.tracking.fluent._get_experiment_id())
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    mlflow.set_experiment(experiment)
-    try:
-        yield
-    finally:
-        if before[0] is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before[0]
-        mlflow.set_tracking_uri(before[1])
-        mlflow.set_registry_uri(before[2])
-        if before[3] is not None:
-            mlflow.set_experiment(experiment_id=before[3])

@@ -8,7 +8,7 @@ import threading
 import pandas as pd
 import pytest
 import torch
-from conftest import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS
 from sample_steps import LABELS
 
 import mlflow_fullmodel as fm

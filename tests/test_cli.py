@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.cli import main

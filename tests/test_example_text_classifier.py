@@ -10,7 +10,8 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
-from conftest import serve, stop, train_example
+from servers import serve, stop
+from support import train_example
 
 import mlflow_fullmodel as fm
 

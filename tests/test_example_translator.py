@@ -9,7 +9,8 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
-from conftest import latest_run, serve, stop, train_example
+from servers import serve, stop
+from support import latest_run, train_example
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.decoding import BeamSearch, GreedySearch

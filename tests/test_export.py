@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS
 from sample_steps import LABELS, BagOfIds
 
 import mlflow_fullmodel as fm

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS
 
 import mlflow_fullmodel as fm
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 
 import pytest
 import requests
-from conftest import EXAMPLE_TEXTS, free_port, server_log, start, stop, wait_for
+from servers import free_port, server_log, start, stop, wait_for
+from support import EXAMPLE_TEXTS
 
 from mlflow_fullmodel.hardened import json_depth, sanitized
 
@@ -47,9 +49,9 @@ BAD = {
     "a 5,000-digit integer": ('{"inputs": [' + "9" * 5_000 + "]}", "application/json", 400, "not valid JSON"),
     "body over the cap": (json.dumps({"inputs": ["good " * 300_000]}), "application/json", 413, "over 1000000 bytes"),
     "unknown param": (json.dumps({"inputs": ["good"], "params": {"temperature": 0.5}}), "application/json", 400,
-                      "Unknown parameter(s) ['temperature']. Valid parameters are: ['k', 'on_error']."),
+                      '1 unknown parameter(s) in "params". Valid parameters are: [\'k\', \'on_error\'].'),
     "misspelled param": (json.dumps({"inputs": ["good"], "params": {"K": 3}}), "application/json", 400,
-                         "Unknown parameter(s) ['K']"),
+                         "Names are case-sensitive: did you mean 'k'?"),
     "params not an object": (json.dumps({"inputs": ["good"], "params": [1]}), "application/json", 400,
                              '"params" must be an object'),
     "invalid JSON": ("{not json", "application/json", 400, "not valid JSON"),
@@ -64,6 +66,10 @@ BAD = {
     "text over max_text_chars": (records("great " * 20_000), "application/json", 400,
                                  "over the limit max_text_chars=100000"),
     "missing column": (json.dumps({"dataframe_records": [{"review": "good"}]}), "application/json", 400, None),
+    "a number for a text": (json.dumps({"dataframe_records": [{"text": 42}]}), "application/json", 400,
+                            "Row 0, column 'text': expected a string, got an integer."),
+    "true for a text": (json.dumps({"dataframe_records": [{"text": "good"}, {"text": True}]}), "application/json", 400,
+                        "Row 1, column 'text': expected a string, got true/false."),
 }
 
 
@@ -82,6 +88,47 @@ def test_every_kind_of_bad_request_gets_a_clean_4xx_and_the_server_keeps_serving
         assert message in error["message"]
     assert process.poll() is None, server_log(process)
     assert post(url, records(*EXAMPLE_TEXTS)).status_code == 200
+
+
+def answer_without_the_whole_body(url: str, head: bytes, parts: list[bytes], timeout: float = 60) -> bytes:
+    """Send a request's head and the first ``parts`` of its body, never the rest, and read the
+    answer's status line: a server that waited for the whole body would never answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        try:
+            connection.sendall(head)
+            for part in parts:
+                connection.sendall(part)
+        except OSError:  # the server answered and closed while the body was still coming
+            pass
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+@pytest.mark.slow
+def test_a_body_declared_over_the_limit_is_refused_before_it_is_read(hardened_server):
+    url, process = hardened_server
+    head = (b"POST /invocations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (70 * 2**20))
+    assert answer_without_the_whole_body(url, head, [b'{"inputs": ["' + b"x" * 1000]).startswith(b"HTTP/1.1 413")
+    assert process.poll() is None and post(url, records(*EXAMPLE_TEXTS)).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(hardened_server):
+    url, process = hardened_server
+    head = (b"POST /invocations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"x" * 100_000
+    # Eleven chunks pass 1,000,000 bytes; the last chunk (size 0) that ends the body is never sent.
+    parts = [b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(11)]
+    assert answer_without_the_whole_body(url, head, parts).startswith(b"HTTP/1.1 413")
+    assert process.poll() is None and post(url, records(*EXAMPLE_TEXTS)).status_code == 200
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import requests
 import torch
-from conftest import HF_SPECIAL_TOKENS, free_port, server_log, start, stop, wait_for
+from servers import free_port, server_log, start, stop, wait_for
+from support import HF_SPECIAL_TOKENS
 from contract import plain_config
 from sample_steps import LABELS, corpus
 

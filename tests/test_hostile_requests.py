@@ -12,7 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
-from conftest import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS
 from mlflow.exceptions import MlflowException
 from sample_steps import LABELS, Normalize
 
@@ -52,6 +52,23 @@ def test_a_limit_set_through_the_environment_applies_and_a_bad_value_is_named(sa
     monkeypatch.setenv("MLFLOW_FULLMODEL_MAX_ROWS", "many")
     with pytest.raises(MlflowException, match=r"max_rows \(MLFLOW_FULLMODEL_MAX_ROWS\) must be a int, got 'many'"):
         mlflow.pyfunc.load_model(saved_model)
+
+
+@pytest.mark.parametrize("texts, row, got", [([42], 0, "an integer"), (["good", 4.5], 1, "a number"),
+                                             (["good", "fine", True], 2, "true/false"), (["good", ["a"]], 1, "a list"),
+                                             ([{"a": 1}], 0, "an object"), ([b"bytes"], 0, "a bytes")])
+def test_a_value_of_another_type_than_the_signature_says_is_a_400_naming_row_column_and_type(saved_model, texts, row,
+                                                                                            got):
+    # The model's first step is its own Normalize, which would fail on anything but a string (a 500).
+    model = mlflow.pyfunc.load_model(saved_model)
+    with pytest.raises(MlflowException) as caught:
+        model.predict(pd.DataFrame({"text": pd.Series(texts, dtype=object)}))
+    assert caught.value.get_http_status_code() == 400
+    assert caught.value.message == (f"Row {row}, column 'text': expected a string, got {got}. Send values of the "
+                                    "types in the model's signature.")
+    # Missing values are the model's to name (or to answer per row with on_error="return").
+    answered = model.predict(pd.DataFrame({"text": ["good", None]}), params={"on_error": "return"})
+    assert answered["error"].tolist()[1] == "Row 1, column 'text': value is missing (null)."
 
 
 class Breaks(fm.Transform):
@@ -99,7 +116,7 @@ BAD_REQUESTS = {
     "param out of bounds": ({"inputs": ["good"], "params": {"k": 9}}, "Parameter 'k' must be <= 2, got 9."),
     "param of the wrong type": ({"inputs": ["good"], "params": {"k": "two"}}, None),
     "bad on_error": ({"inputs": ["good"], "params": {"on_error": "ignore"}},
-                     "Parameter 'on_error' must be one of ['raise', 'return'], got 'ignore'."),
+                     "Parameter 'on_error' must be one of ['raise', 'return'], got a str of length 6."),
     "missing column": ({"dataframe_records": [{"review": "good"}]}, None),
     "not JSON": ("{not json", None),
     "unknown format key": ({"rows": ["good"]}, None),

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-from conftest import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository

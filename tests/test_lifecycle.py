@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-from conftest import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS
 from sample_steps import LABELS
 from test_integrity import artifact_folder, edit_spec
 

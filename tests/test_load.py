@@ -9,7 +9,8 @@ import json
 
 import pytest
 import requests
-from conftest import IMAGE_EXAMPLE, serve, stop
+from servers import serve, stop
+from support import IMAGE_EXAMPLE
 from images import b64, claimed_size_png, png
 from sample_steps import corpus
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import EXAMPLE_TEXTS, tracking_uri
+from support import EXAMPLE_TEXTS, tracking_uri
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.card import summary

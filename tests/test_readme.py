@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, start, stop, wait_for
+from servers import free_port, start, stop, wait_for
 
 pytestmark = pytest.mark.slow
 

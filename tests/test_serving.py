@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import requests
-from conftest import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS
 
 from mlflow_fullmodel.parity import ABS_TOL, REL_TOL
 
@@ -53,6 +53,11 @@ def test_every_payload_format_gives_the_in_memory_answers(champion_server, text_
         ({"dataframe_records": [{"text": "x"}], "params": {"k": "two"}}, "k"),
         ({"dataframe_records": [{"review": "x"}]}, "text"),
         ({"dataframe_records": [{"text": "fine"}, {"text": None}]}, "Row 1, column 'text': value is missing (null)."),
+        # A value of another type than the signature's is the request's fault, named before any step runs.
+        ({"dataframe_records": [{"text": 42}]}, "Row 0, column 'text': expected a string, got an integer."),
+        ({"inputs": {"text": ["fine", 4.5]}}, "Row 1, column 'text': expected a string, got a number."),
+        ({"dataframe_split": {"columns": ["text"], "data": [["fine"], [["a", "list"]]]}},
+         "Row 1, column 'text': expected a string, got a list."),
         ('{"dataframe_records": [', "Invalid input"),
         ({"no_such_format": []}, "dataframe_records"),
     ],
@@ -71,7 +76,7 @@ def test_a_bad_request_is_a_400_with_a_json_message_and_no_stack_trace(champion_
 def test_concurrent_requests_through_the_micro_batcher_get_their_own_answers(tracking, registered_reviews, text_model):
     import threading
 
-    from conftest import serve, stop
+    from servers import serve, stop
 
     process, url = serve("models:/reviews@champion", tracking,
                          {"MLFLOW_FULLMODEL_BATCHING": "true", "MLFLOW_FULLMODEL_MAX_WAIT_MS": "5"})

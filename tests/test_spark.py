@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS
 from sample_steps import corpus
 
 from mlflow_fullmodel.parity import ABS_TOL, REL_TOL

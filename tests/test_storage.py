@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS
 from sample_steps import LABELS
 
 import mlflow_fullmodel as fm

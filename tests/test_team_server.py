@@ -15,7 +15,8 @@ import mlflow
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import serve, stop, tracking_uri
+from servers import serve, stop
+from support import tracking_uri
 from test_integrity import edit_spec
 
 from mlflow_fullmodel.cli import main

@@ -183,7 +183,7 @@ class TestParam:
     def test_values_are_converted_to_the_type_of_the_default(self):
         assert fm.Param(1).validate("k", 3.0) == 3
         assert fm.Param(0.5).validate("t", 1) == 1.0
-        with pytest.raises(fm.ParamError, match="Parameter 'k' must be of type int, got str"):
+        with pytest.raises(fm.ParamError, match="Parameter 'k' must be of type int, got a str of length 1."):
             fm.Param(1).validate("k", "3")
         with pytest.raises(fm.ParamError, match="Parameter 'k' must be of type int"):
             fm.Param(1).validate("k", True)

@@ -149,8 +149,8 @@ def _image_bytes(data: Any) -> bytes:
         decoded = _strict_base64(text.encode("ascii", errors="replace"))
         if decoded is None:
             raise InputError(
-                f"the string is not valid base64; send the image file's bytes, or their base64 "
-                f"encoding. Received {len(data)} characters starting {data[:20]!r}."
+                f"the string ({len(data)} characters) is not valid base64; send the image file's bytes, "
+                "or their base64 encoding."
             )
         return decoded
     raise InputError(f"expected the bytes of an image file, got {type(data).__name__}.")
@@ -174,9 +174,22 @@ def _not_an_image(raw: bytes, detail: str) -> str:
             f"header: the file is truncated or corrupt{detail}."
         )
     return (
-        f"the data ({len(raw)} bytes, starting {raw[:12]!r}) is not an image file Pillow can read "
+        f"the data ({len(raw)} bytes{_looks_like(raw)}) is not an image file Pillow can read "
         "(PNG, JPEG, GIF, BMP, TIFF, WebP, ...)."
     )
+
+
+def _looks_like(raw: bytes) -> str:
+    """What non-image data seems to be, said without quoting it (it is the request's data)."""
+    head = raw[:64]
+    if head.lstrip().startswith((b"<svg", b"<?xml", b"<!DOCTYPE", b"<html")):
+        return ", markup such as SVG or HTML"
+    try:
+        if head.decode("utf-8").isprintable():
+            return ", text"
+    except UnicodeDecodeError:  # cut inside a character, or binary
+        pass
+    return ""
 
 
 def _signature(raw: bytes) -> str | None:
