@@ -122,8 +122,10 @@ def inspect_command(model_uri: str, as_json: bool) -> None:
         click.echo(f"         module: {module['name']} ({module['format']}, {module['file']}, {module['size']} bytes, "
                    f"methods {', '.join(module['methods'])}, sha256 {module['sha256'][:16]})")
     for artifact in facts["artifacts"]:
+        # A folder's sha256 is a digest of its files' paths and hashes.
+        kind = "sha256" if artifact.get("files") is None else f"a folder of {len(artifact['files'])} files, digest"
         click.echo(f"       artifact: {artifact['step']} {artifact['argument']}: {artifact['path']} "
-                   f"({artifact['size']} bytes, sha256 {(artifact['sha256'] or 'a folder')[:16]})")
+                   f"({artifact['size']} bytes, {kind} {artifact['sha256'][:16]})")
     for param in facts["params"]:
         bounds = ", ".join(f"{k} {param[k]!r}" for k in ("minimum", "maximum", "choices") if k in param)
         click.echo(f"          param: {param['name']}={param['default']!r} ({param['type']}, {param['step']}"
@@ -154,8 +156,10 @@ def describe(context: click.Context, model_uri: str, as_json: bool) -> None:
 @click.argument("uri_b")
 @click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
 def diff(uri_a: str, uri_b: str, as_json: bool) -> None:
-    """Show what changed from model URI_A to model URI_B: steps, configuration, params, artifacts,
-    modules, requirements, signature and the captured processing code."""
+    """Show what changed from model URI_A to model URI_B: steps, configuration, params, artifacts
+    (the files that changed inside a folder), modules (for a changed network: parameters and
+    buffers added, removed or changed in shape or dtype, the parameter count, the largest absolute
+    difference of same-shaped weights), requirements, signature and the captured processing code."""
     from mlflow_fullmodel.lifecycle import diff_models
 
     with _errors_as_messages():
@@ -167,6 +171,8 @@ def diff(uri_a: str, uri_b: str, as_json: bool) -> None:
         click.echo("no differences")
         return
     for section, changes in differences.items():
+        if section == "tensors":  # the same as the tensor lines of "modules", as data for --json
+            continue
         if section == "code":
             click.echo("code:")
             click.echo(changes, nl=False)

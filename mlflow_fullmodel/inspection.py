@@ -15,7 +15,7 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 
 from mlflow_fullmodel.storage import read_golden, read_spec, step_specs
 from mlflow_fullmodel.storage.folder import CODE_DIR, encode_value
-from mlflow_fullmodel.storage.integrity import MANIFEST_FILE, read_manifest, sha256_file
+from mlflow_fullmodel.storage.integrity import MANIFEST_FILE, folder_digest, folder_hashes, read_manifest, sha256_file
 
 __all__ = ["config_text", "describe_model"]
 
@@ -26,8 +26,9 @@ def describe_model(model_path: str, data: str = "fullmodel") -> dict[str, Any]:
     """The facts of the MLflow model at ``model_path`` (its FullModel in the ``data`` folder).
 
     Returns a dict with ``inputs``, ``outputs``, ``steps`` (label, target, config), ``artifacts``
-    (step, argument, path, size, sha256), ``modules`` (name, file, format, size, sha256, methods),
-    ``params`` (name, type, default, bounds, choices, step), ``signature``, ``requirements``,
+    (step, argument, path, size, sha256; a folder's sha256 is its ``folder_digest``, and it has
+    ``files``: the sha256 of each file by relative path), ``modules`` (name, file, format, size,
+    sha256, methods), ``params`` (name, type, default, bounds, choices, step), ``signature``, ``requirements``,
     ``golden`` (inputs, params, outputs, variants), ``code`` (captured sources by path) and
     ``digest`` (None before the manifest is written).
     """
@@ -105,8 +106,11 @@ def _artifact(folder: str, step: str, argument: str, path: str) -> dict[str, Any
 
 def _file_facts(path: str) -> dict[str, Any]:
     if os.path.isdir(path):
-        files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
-        return {"size": sum(os.path.getsize(f) for f in files), "sha256": None}
+        # Hashed from the files, as a file artifact is, with the manifest's walk: for a saved model
+        # the digest equals the one derived from its manifest entries under the folder.
+        hashes = folder_hashes(path)
+        size = sum(os.path.getsize(os.path.join(path, *relative.split("/"))) for relative in hashes)
+        return {"size": size, "sha256": folder_digest(hashes), "files": hashes}
     return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
 
 

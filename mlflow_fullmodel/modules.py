@@ -25,7 +25,8 @@ import torch
 from mlflow_fullmodel.exceptions import ConfigError, DeviceError
 
 __all__ = [
-    "EAGER", "MAIN", "ModuleSet", "load_module", "method_names", "quiet_torch_jit", "resolve_device", "save_module", "script",
+    "EAGER", "MAIN", "ModuleSet", "load_module", "method_names", "named_tensors", "quiet_torch_jit", "resolve_device",
+    "save_module", "script",
 ]
 
 #: The name of the module when a FullModel is given a single one.
@@ -97,6 +98,22 @@ def method_names(module: Any) -> list[str]:
     if isinstance(module, torch.jit.ScriptModule):
         return sorted(module._c._method_names())
     return ["forward"]
+
+
+def named_tensors(module: Any) -> dict[str, tuple[str, torch.Tensor]]:
+    """The parameters and buffers of a TorchScript module or an exported program by name, each as
+    ``(kind, tensor)`` with kind ``"parameter"``, ``"buffer"`` or ``"constant"`` (a tensor an
+    exported program lifted out of its graph)."""
+    if isinstance(module, torch.export.ExportedProgram):
+        signature = module.graph_signature
+        kinds = {**{n: "constant" for n in signature.lifted_tensor_constants},
+                 **{n: "buffer" for n in signature.buffers}, **{n: "parameter" for n in signature.parameters}}
+        # Non-persistent buffers and lifted constants are kept outside the state_dict.
+        stored = {**module.constants, **module.state_dict}
+        return {name: (kind, stored[name]) for name, kind in kinds.items()
+                if isinstance(stored.get(name), torch.Tensor)}
+    return {**{name: ("buffer", t) for name, t in module.named_buffers()},
+            **{name: ("parameter", t) for name, t in module.named_parameters()}}
 
 
 class ModuleSet(Mapping[str, Any]):

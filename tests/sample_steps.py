@@ -4,6 +4,8 @@ this module as source into the models the tests save, the way it captures a user
 from __future__ import annotations
 
 import random
+from functools import cached_property
+from pathlib import Path
 
 import sentencepiece
 import torch
@@ -34,6 +36,23 @@ class Repeat(fm.Transform):
     def __call__(self, text: str, times: int | None = None) -> str:
         count = times if times is not None else self.times
         return " ".join([text] * count)
+
+
+class Synonyms(fm.Transform):
+    """Replace words by the ``word=synonym`` lines of the ``.txt`` files in a folder: a step whose
+    artifact is a folder."""
+
+    def __init__(self, folder: fm.Artifact) -> None:
+        pass
+
+    @cached_property
+    def _table(self) -> dict[str, str]:
+        root = Path(self.folder)
+        lines = [line for path in sorted(root.glob("*.txt")) for line in path.read_text().splitlines()]
+        return dict(line.split("=", 1) for line in lines if "=" in line)
+
+    def __call__(self, text: str) -> str:
+        return " ".join(self._table.get(word, word) for word in text.split())
 
 
 class BagOfIds(torch.nn.Module):

@@ -36,6 +36,8 @@ __all__ = [
     "MANIFEST_FILE",
     "Manifest",
     "confined_path",
+    "folder_digest",
+    "folder_hashes",
     "read_verified",
     "sha256_file",
     "verify_manifest",
@@ -61,6 +63,28 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def folder_digest(hashes: Mapping[str, str]) -> str:
+    """One sha256 (hex) for a folder: over its files' ``"<sha256>  <relative path>\\n"`` lines,
+    sorted by path (``/`` as separator), as ``sha256sum`` prints them.
+
+    It depends on the files' paths and contents only, so it can be derived from the manifest's
+    entries under the folder as well as from the files themselves; a changed file of the same size
+    changes it, as a renamed, added or removed file does.
+    """
+    digest = hashlib.sha256()
+    for relative in sorted(hashes):
+        digest.update(f"{hashes[relative]}  {relative}\n".encode())
+    return digest.hexdigest()
+
+
+def folder_hashes(root: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of the files under ``root``, walked as a manifest walks them
+    (sorted, ``__pycache__`` left out, a symlink refused), so that ``folder_digest`` of a saved
+    folder equals the digest derived from its manifest entries."""
+    return {relative: sha256_file(os.path.join(root, *relative.split("/")))
+            for relative in _walk(root, skip_bytecode=True, model_root=False)}
 
 
 def _mlmodel_digest(path: str) -> str:
@@ -134,8 +158,9 @@ class Manifest:
         return problems
 
 
-def _walk(root: str, *, skip_bytecode: bool) -> list[str]:
-    """Relative paths (with ``/``) of the files under ``root`` that a manifest covers."""
+def _walk(root: str, *, skip_bytecode: bool, model_root: bool = True) -> list[str]:
+    """Relative paths (with ``/``) of the files under ``root`` that a manifest covers; with
+    ``model_root=False`` (a folder inside a model) a ``MANIFEST.json`` in it is a file like any other."""
     found = []
     for folder, dirs, files in os.walk(root):
         relative_folder = os.path.relpath(folder, root).replace(os.sep, "/")
@@ -151,7 +176,7 @@ def _walk(root: str, *, skip_bytecode: bool) -> list[str]:
         dirs.sort()
         for name in sorted(files):
             relative = prefix + name
-            if relative != MANIFEST_FILE and relative not in ADDED_AFTER_SAVING:
+            if not model_root or (relative != MANIFEST_FILE and relative not in ADDED_AFTER_SAVING):
                 found.append(relative)
     return found
 
