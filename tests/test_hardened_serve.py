@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import requests
-from servers import free_port, server_log, start, stop, wait_for
+from servers import free_port, leftover_processes, server_log, start, stop, wait_for
 from support import EXAMPLE_TEXTS
 
 from mlflow_fullmodel.hardened import json_depth, sanitized
@@ -129,6 +129,29 @@ def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(hardened_serve
     parts = [b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(11)]
     assert answer_without_the_whole_body(url, head, parts).startswith(b"HTTP/1.1 413")
     assert process.poll() is None and post(url, records(*EXAMPLE_TEXTS)).status_code == 200
+
+
+@pytest.mark.slow
+def test_serve_with_two_workers_answers_from_each_as_from_one(tracking, registered_reviews, hardened_server):
+    url_one, _ = hardened_server
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    process = start([sys.executable, "-m", "mlflow_fullmodel.cli", "serve", "models:/reviews@champion",
+                     "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/ping", process, "mlflow-fullmodel serve --workers 2", seconds=240)
+        workers = [pid for pid, command in leftover_processes(process.pid) if "multiprocessing" in command
+                   and "resource_tracker" not in command]
+        assert len(workers) == 2, leftover_processes(process.pid)
+        bodies = [records(*EXAMPLE_TEXTS), json.dumps({"inputs": EXAMPLE_TEXTS, "params": {"k": 2}})] * 4
+        for body in bodies:
+            assert post(url, body).json() == post(url_one, body).json()
+        refused = post(url, json.dumps({"dataframe_records": [{"text": 42}]}))
+        assert refused.status_code == 400 and "expected a string" in refused.json()["message"]
+    finally:
+        stop(process)
 
 
 @pytest.mark.slow
