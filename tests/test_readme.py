@@ -20,10 +20,14 @@ pytestmark = pytest.mark.slow
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def use_section() -> str:
+def section(title: str) -> str:
     text = README.read_text(encoding="utf-8")
-    start = text.index("## Use\n")
+    start = text.index(f"## {title}\n")
     return text[start : re.compile(r"\n##+ ").search(text, start + 1).start()]
+
+
+def use_section() -> str:
+    return section("Use")
 
 
 def code_blocks(section: str, language: str) -> list[str]:
@@ -63,5 +67,40 @@ def test_the_readme_script_trains_logs_and_registers_and_its_serve_command_answe
         prediction, = answer.json()["predictions"]
         assert set(prediction["top_labels"]) == {"negative", "positive"}
         assert prediction["label"] == prediction["top_labels"][0]
+    finally:
+        stop(process)
+
+
+def test_the_promote_section_runs_as_written_after_the_demo(tmp_path):
+    """Its commands in the order written, from the repository's root (here a folder with the example
+    projects) where `make demo` left its store."""
+    (tmp_path / "example_projects").symlink_to(README.parent / "example_projects")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # what activating does
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    # What `make demo` does for the text example (example_projects/demo.py).
+    demo = subprocess.run([sys.executable, "example_projects/text_classifier/train.py", "--registered-model-name",
+                           "text-classifier"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, demo.stderr[-4000:]
+
+    block, = code_blocks(section("Promote a version"), "bash")
+    commands = [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+    assert commands[0] == ". .venv/bin/activate"
+    *steps, serve = commands[1:]
+    for command in steps:
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-4000:])
+    assert "Promoted text-classifier version 2 to @champion (it was on version 1)" in result.stdout
+
+    arguments = shlex.split(serve)
+    assert arguments[:3] == ["mlflow", "models", "serve"]
+    port = free_port()
+    arguments[arguments.index("-p") + 1] = str(port)
+    process = start([sys.executable, "-m", *arguments, "-h", "127.0.0.1", "-w", "1"], env, cwd=tmp_path)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", process, "the README's mlflow models serve")
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": ["What a film!"]}, timeout=60)
+        assert answer.status_code == 200, answer.text
     finally:
         stop(process)
