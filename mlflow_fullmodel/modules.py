@@ -128,6 +128,13 @@ class ModuleSet(Mapping[str, Any]):
         self._arguments: dict[str, list[str]] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy of a FullModel) gets its own lock and builds its own device copies.
+        return {"modules": self._modules}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["modules"])  # type: ignore[misc]
+
     @classmethod
     def of(cls, module: Any) -> ModuleSet:
         if isinstance(module, ModuleSet):

@@ -224,6 +224,12 @@ class Configurable:
     def __init__(self) -> None:
         """Subclasses with configuration override this; arguments are already stored."""
 
+    def __getnewargs_ex__(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # copy, deepcopy and pickle (DataLoader workers under spawn) rebuild an object with
+        # ``cls.__new__(cls, *args, **kwargs)``: hand it the configuration, which ``__new__``
+        # needs, then the object's state (private attributes included) is restored as usual.
+        return (), self.get_config()
+
     @classmethod
     def config_names(cls) -> list[str]:
         return [p.name for p in _init_parameters(cls)]

@@ -31,11 +31,22 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+def _stop_resource_tracker() -> None:
+    """multiprocessing's resource tracker (started with a spawned worker) lives until the interpreter
+    exits, by design: end it now, as the interpreter would."""
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        stop()
+
+
 @pytest.hookimpl(trylast=True)  # after the session's fixtures have stopped their servers
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """A test run leaves no process behind: whatever is still running now failed to stop in its
     fixture; it is stopped here, and the run fails naming it."""
     stop_all()
+    _stop_resource_tracker()
     left = leftover_processes()
     if not left:
         return

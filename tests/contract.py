@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -27,3 +29,8 @@ def round_trip(step: fm.transform.Configurable, folder: str | Path | None = None
 def plain_config(step: fm.transform.Configurable) -> dict:
     """The configuration without artifact paths (which a round trip re-points)."""
     return {k: v for k, v in step.get_config().items() if not isinstance(v, fm.Artifact)}
+
+
+def copies(step: fm.transform.Configurable) -> list[fm.transform.Configurable]:
+    """The step copied, deep-copied and pickled, as users and DataLoader workers copy it."""
+    return [copy.copy(step), copy.deepcopy(step), pickle.loads(pickle.dumps(step))]

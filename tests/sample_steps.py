@@ -103,3 +103,16 @@ class ScaledCall(fm.CallModule):
 
     def __call__(self, modules, batch, device, scale: float = 1.0):
         return super().__call__(modules, batch, device) * scale
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """Texts through a step, one item each: what a DataLoader worker gets a pickled copy of."""
+
+    def __init__(self, step: fm.Transform, texts: list[str]) -> None:
+        self.step, self.texts = step, texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.step(self.texts[index])

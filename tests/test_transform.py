@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from contract import plain_config, round_trip
+from contract import copies, plain_config, round_trip
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.collate import PadCollate
@@ -62,6 +62,39 @@ def test_every_builtin_step_round_trips_through_json_to_an_equal_step(spm_path, 
         assert type(rebuilt) is type(step)
         assert plain_config(rebuilt) == plain_config(step)
         assert not [n for n in vars(rebuilt) if not n.startswith("_") and n not in step.config_names()]
+
+
+def test_every_builtin_step_copies_deep_copies_and_pickles_to_an_equal_step(spm_path, hf_tokenizer_path):
+    for step in builtin_steps(spm_path, hf_tokenizer_path):
+        for copied in copies(step):
+            assert type(copied) is type(step) and copied == step and repr(copied) == repr(step)
+
+
+def test_a_tokenizer_already_used_copies_and_pickles_and_encodes_alike(spm_path, hf_tokenizer_path):
+    text = "a superb film with a dull plot"
+    for step in (SentencePieceEncode(fm.Artifact(spm_path), max_length=8),
+                 TokenizerEncode(fm.Artifact(hf_tokenizer_path), max_length=9)):
+        step(text)  # its tokenizer loaded and held
+        for copied in copies(step):
+            assert torch.equal(copied(text), step(text))
+
+
+def test_a_step_with_required_arguments_runs_in_a_spawned_dataloader_worker(spm_path):
+    from sample_steps import StepDataset
+
+    texts = ["a superb film", "a dull plot", "the director"]
+    step = SentencePieceEncode(fm.Artifact(spm_path), max_length=8)
+    loader = torch.utils.data.DataLoader(StepDataset(step, texts), batch_size=None, num_workers=1,
+                                         multiprocessing_context="spawn")
+    assert [ids.tolist() for ids in loader] == [step(text).tolist() for text in texts]
+
+
+def test_a_full_model_deep_copies_and_answers_alike(text_model):
+    import copy
+
+    texts = ["What a GREAT film!", "Dull  and boring."]
+    copied = copy.deepcopy(text_model)
+    assert copied.predict(texts).equals(text_model.predict(texts))
 
 
 def test_a_rebuilt_tokenizer_encodes_exactly_like_the_original(spm_path, tmp_path):
