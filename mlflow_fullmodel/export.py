@@ -9,11 +9,17 @@ shape, a batch of one included.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
+import os
+import re
+import sysconfig
 import time
+import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -111,20 +117,139 @@ def export_module(name: str, module: torch.nn.Module, args: tuple[Any, ...], kwa
     dynamic = tuple(pytree.tree_map(_auto_dims, value) for value in positional)
     started = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            # torch.export's notes on guards and specialisations are for its developers, not for
-            # someone saving a model; a failure raises below with its message.
-            warnings.simplefilter("ignore")
+        with _quiet_torch():
             program = torch.export.export(module, positional, dynamic_shapes=dynamic)
     except Exception as error:
-        raise ConfigError(
-            f"torch.export could not export module '{name}' ({type(module).__name__}): {_first_lines(error)}\n"
-            f"Rewrite the construct it names (data-dependent control flow, Python state read in forward, ...), "
-            f"or pass TorchScript instead: FullModel(module=fm.script(net))."
-        ) from error
+        raise ConfigError(_refusal(name, module, error)) from error
     _logger.info("Exported module '%s' (%s) with torch.export in %.1f s.", name, type(module).__name__,
                  time.perf_counter() - started)
     return program
+
+
+def _refusal(name: str, module: torch.nn.Module, error: BaseException) -> str:
+    """One line: the module, the line of the user's code torch.export stopped at, what it refused
+    there and the way out. torch's own text names a symbol (``Eq(u0, 1)``), not the user's code."""
+    frame = _user_frame(error, module)
+    where = f" at {frame.filename}:{frame.lineno}" if frame is not None else ""
+    if frame is not None and frame.line:
+        where += f" `{frame.line.strip()}`"
+    detail = _first_lines(error, count=1, limit=300)
+    if _data_dependent(error):
+        return (
+            f"torch.export could not export module '{name}' ({type(module).__name__}){where}: the code there branches "
+            f"on, or takes a size or number from, a tensor's values (if/while on a tensor, .item(), int(), .tolist()), "
+            f"and one traced program, which serves every input, cannot depend on them (torch: {detail}). Compute it "
+            f"with tensor operations (torch.where, masks) or torch.cond, or pass TorchScript instead: "
+            f"FullModel(module=fm.script(net))."
+        )
+    return (
+        f"torch.export could not export module '{name}' ({type(module).__name__}){where}: {type(error).__name__}: "
+        f"{detail.rstrip('.')}. Rewrite the construct there (data-dependent control flow, NumPy or Python state read "
+        f"in forward, ...), or pass TorchScript instead: FullModel(module=fm.script(net))."
+    )
+
+
+def _data_dependent(error: BaseException) -> bool:
+    guard = getattr(torch.fx.experimental.symbolic_shapes, "GuardOnDataDependentSymNode", ())
+    return any(isinstance(cause, guard) or "data-dependent" in str(cause).lower() for cause in _chain(error))
+
+
+_TORCH_DIR = os.path.dirname(os.path.realpath(torch.__file__)) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
+_PATHS = sysconfig.get_paths()
+_STDLIB_DIRS = tuple(os.path.realpath(_PATHS[key]) + os.sep for key in ("stdlib", "platstdlib") if key in _PATHS)
+_SITE_DIRS = tuple(os.path.realpath(_PATHS[key]) + os.sep for key in ("purelib", "platlib") if key in _PATHS)
+_FILE_LINE = re.compile(r'File "([^"\n]+)", line (\d+)')
+
+
+def _user_frame(error: BaseException, module: torch.nn.Module) -> traceback.FrameSummary | None:
+    """Where in the user's code ``torch.export`` stopped with ``error``: the deepest frame in the
+    source file of ``module``'s class, else the deepest outside torch, this package and the
+    standard library; None if there is none.
+
+    For each exception of the chain it reads, in turn, torch's own record of the user's stack
+    (``real_stack``, filled by strict export), a ``File "...", line N`` in the message (torch adds
+    the call that raised a data-dependent error) and the traceback (non-strict export runs the
+    forward as Python, so its frames are there)."""
+    frames = [frame for cause in _chain(error)
+              for stack in (_real_stack(cause), _message_frames(cause), traceback.extract_tb(cause.__traceback__))
+              for frame in reversed(stack)]  # deepest first
+    home = _source_file(type(module))
+    if home is not None:
+        for frame in frames:
+            if _real(frame.filename) == home:
+                return frame
+    return next((frame for frame in frames if _outside_libraries(frame.filename)), None)
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+def _real_stack(error: BaseException) -> list[traceback.FrameSummary]:
+    stack = getattr(error, "real_stack", None)
+    return [frame for frame in stack if isinstance(frame, traceback.FrameSummary)] if isinstance(stack, list) else []
+
+
+def _message_frames(error: BaseException) -> list[traceback.FrameSummary]:
+    # FrameSummary reads the line's text from the file itself (linecache).
+    return [traceback.FrameSummary(file, int(line), "") for file, line in _FILE_LINE.findall(str(error))]
+
+
+def _source_file(cls: type) -> str | None:
+    try:
+        source = inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        return None
+    return _real(source) if source else None
+
+
+def _real(path: str) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _outside_libraries(filename: str) -> bool:
+    if filename.startswith("<"):  # generated code ("<string>", "<eval_with_key>.3"), frozen modules
+        return False
+    path = _real(filename)
+    if path.startswith((_TORCH_DIR, _PACKAGE_DIR)):
+        return False
+    # site-packages may sit inside the standard library's folder (a Python without a venv).
+    return path.startswith(_SITE_DIRS) or not path.startswith(_STDLIB_DIRS)
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Keep torch.export's notes for its developers out of the terminal of someone saving a model:
+    Python warnings on guards and specialisations, log warnings ("Unable to find user code ..."),
+    and the partial graph it prints to stderr before raising; a failure raises with its own message.
+
+    The stderr redirection and the filter on torch's log handlers are process-wide while they last:
+    acceptable for a save, which does not run beside serving in the same process."""
+    handlers = {handler for name, logger in list(logging.Logger.manager.loggerDict.items())
+                if (name == "torch" or name.startswith("torch.")) and isinstance(logger, logging.Logger)
+                for handler in logger.handlers}
+    for handler in handlers:
+        handler.addFilter(_not_a_warning)
+    printed = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(printed):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_not_a_warning)
+        if printed.getvalue().strip():
+            _logger.debug("torch.export printed:\n%s", printed.getvalue())
+
+
+def _not_a_warning(record: logging.LogRecord) -> bool:
+    return record.levelno != logging.WARNING
 
 
 def _auto_dims(value: Any) -> Any:
@@ -134,6 +259,6 @@ def _auto_dims(value: Any) -> Any:
 
 
 def _first_lines(error: BaseException, count: int = 4, limit: int = 800) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
     text = " ".join(lines[:count]) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -3,8 +3,13 @@ with dynamic batch and sequence dimensions; and modules that never move between 
 
 from __future__ import annotations
 
+import inspect
 import json
+import subprocess
+import sys
+import textwrap
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -35,9 +40,40 @@ class ThresholdBranch(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         scores = self.embedding(ids).sum(1)
-        if scores.sum() > 0:
+        if scores.sum() > 0:  # refused: a branch on a tensor's value
             return scores
         return -scores
+
+
+class ItemAsSize(torch.nn.Module):
+    """A size taken from a tensor's value with .item()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(64, 2)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        longest = int(lengths.max().item())  # refused: a size read from a tensor's value
+        return self.embedding(ids[:, :longest]).sum(1)
+
+
+class NumPyInForward(torch.nn.Module):
+    """A tensor handed to NumPy: torch.export traces with tensors that hold no data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(64, 2)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        scores = self.embedding(ids).sum(1)
+        return torch.from_numpy(np.tanh(scores.numpy()))  # refused: NumPy on a traced tensor
+
+
+def refused_line(module: type[torch.nn.Module]) -> tuple[int, str]:
+    """The line number and text of the line marked ``# refused`` in ``module.forward``."""
+    lines, start = inspect.getsourcelines(module.forward)
+    index = next(i for i, line in enumerate(lines) if "# refused" in line)
+    return start + index, lines[index].strip()
 
 
 def test_a_plain_module_predicts_in_memory_and_is_saved_as_one_exported_program(tmp_path, text_model):
@@ -64,6 +100,54 @@ def test_a_module_torch_export_cannot_trace_is_named_with_the_construct_and_the_
     assert "data-dependent" in message.lower()
     assert "fm.script(net)" in message
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("module", [ThresholdBranch, ItemAsSize, NumPyInForward])
+def test_a_construct_torch_export_refuses_is_named_by_its_file_and_line_in_one_line(tmp_path, text_model, capfd, module):
+    line, text = refused_line(module)
+    with pytest.raises(fm.ConfigError) as caught:
+        fm.save_model(plain_model(text_model, module()), str(tmp_path / "model"), input_example=EXAMPLE_TEXTS)
+    message = str(caught.value)
+    assert f"test_export.py:{line} `{text}`" in message, message
+    assert "\n" not in message and f"({module.__name__})" in message and "fm.script(net)" in message
+    # torch's notes for its developers (the partial graph it prints, its log warnings) stay out of the terminal.
+    out, err = capfd.readouterr()
+    assert "def forward" not in out + err and "symbolic_shapes" not in err and "torch" not in out, err[-2000:]
+
+
+def test_a_refusal_shows_the_user_only_its_one_line_message_naming_the_modules_own_file(tmp_path):
+    # In a process of its own: torch's log handlers write to the stderr they found at import,
+    # which no capture fixture sees.
+    (tmp_path / "helpers.py").write_text("def positive(x):\n    return bool(x.sum() > 0)\n")
+    script = tmp_path / "net.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from helpers import positive
+        from mlflow_fullmodel.export import export_module
+
+        class Net(torch.nn.Module):
+            def forward(self, x):
+                if x.sum() > 0:
+                    return x
+                return -x
+
+        class ViaHelper(torch.nn.Module):
+            def forward(self, x):
+                return x if positive(x) else -x
+
+        for net in (Net(), ViaHelper()):
+            try:
+                export_module("main", net, (torch.ones(2, 3),), {})
+            except Exception as error:
+                print(error)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    direct, via_helper = result.stdout.splitlines()
+    assert "(Net) at " in direct and "net.py:8 `if x.sum() > 0:`" in direct, direct
+    # The construct is in another file of the user's: the message names the line of the module's
+    # own file that leads there.
+    assert "(ViaHelper) at " in via_helper and "net.py:14 `return x if positive(x) else -x`" in via_helper, via_helper
 
 
 def test_a_plain_module_needs_an_input_example_to_be_exported(tmp_path, text_model):
