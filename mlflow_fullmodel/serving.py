@@ -34,6 +34,7 @@ from mlflow_fullmodel.batching import MicroBatcher
 from mlflow_fullmodel.exceptions import DeadlineError, FullModelError, InputError, ModelError, ParamError
 from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, brief, records_frame
 from mlflow_fullmodel.schema import check_column_types
+from mlflow_fullmodel.spark import in_spark_task, without_row_numbers
 
 __all__ = ["SETTINGS", "RequestLimits", "ServedModel", "ServingError", "default_thread_count", "serve", "serving_config", "set_thread_count", "tune_scoring_server"]
 
@@ -218,6 +219,8 @@ class ServedModel:
             raise ServingError(f"Model error (not caused by the request): {brief(error)}", INTERNAL_ERROR) from None
         if records and list(records[0]) == [ERROR_COLUMN] and self.output_columns:
             records = [{**dict.fromkeys(self.output_columns), **record} for record in records]
+        if in_spark_task():  # a row number within Spark's Arrow batch names no row of the table
+            records = without_row_numbers(records)
         # The scoring server turns a DataFrame into exactly these records again; hand them over
         # as they are (the same JSON), and build a DataFrame only for Python callers.
         if os.environ.get(_SERVING_ENVIRONMENT) == "true":

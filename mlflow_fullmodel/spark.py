@@ -11,12 +11,25 @@ Example::
                                     params={"k": 2, "on_error": "return"}, env_manager="local")
     scored = nulls_for_failed_rows(texts.withColumn("answer", score("text")), "answer")
 
+Finding a failed row: its ``error`` is in the output row of its own input, so select the failed
+rows with a key column of your table: ``scored.filter("error IS NOT NULL").select("id", "error")``.
+The message names no row number. Outside Spark a row's message starts with ``Row N``, its index in
+the data of that predict call; Spark hands the model the table in Arrow batches
+(``spark.sql.execution.arrow.maxRecordsPerBatch`` rows at a time, per partition), and nothing in a
+batch tells where in the table a row came from, so N would count within the batch and name another
+row of the table (``Row 4242`` for row 54,242). It is left out inside a Spark task, and by
+``nulls_for_failed_rows`` for a scoring server that a task started (an ``env_manager`` other than
+``"local"``). With ``on_error="raise"`` (the default) the first bad row fails the job, and the
+``Row N`` of that error counts within its batch.
+
 Needs pyspark (``pip install 'mlflow-fullmodel[spark]'``), and the Python that Spark's workers
 run (``PYSPARK_PYTHON``) must be the one with MLflow installed.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from typing import Any
 
 from mlflow.models import Model
@@ -25,7 +38,11 @@ from mlflow.types.schema import Array, DataType, Object
 from mlflow_fullmodel.exceptions import ModelFormatError
 from mlflow_fullmodel.pipeline import ERROR_COLUMN
 
-__all__ = ["nulls_for_failed_rows", "result_type"]
+__all__ = ["in_spark_task", "nulls_for_failed_rows", "result_type", "without_row_numbers"]
+
+#: The ``Row N: `` or ``Row N, `` that starts a row's error message (pipeline.py): N is the row's
+#: index in the data of one predict call. A Java regex too (``nulls_for_failed_rows``).
+ROW_NUMBER = re.compile(r"^Row \d+(?::|,) ")
 
 
 def result_type(model_uri: str, *, errors: bool = False) -> Any:
@@ -75,4 +92,27 @@ def nulls_for_failed_rows(frame: Any, column: str) -> Any:
     answers = [F.when(failed, F.lit(None)).otherwise(F.col(f"{column}.{name}")).alias(name)
                for name in fields if name != ERROR_COLUMN]
     others = [F.col(c) for c in frame.columns if c != column]
-    return frame.select(*others, *answers, F.when(failed, error).alias(ERROR_COLUMN))
+    # The model leaves the batch's row numbers out when it runs in the Spark task itself
+    # (env_manager="local"); a scoring server the task started (other env managers) cannot tell.
+    message = F.regexp_replace(error, ROW_NUMBER.pattern, "")
+    return frame.select(*others, *answers, F.when(failed, message).alias(ERROR_COLUMN))
+
+
+def in_spark_task() -> bool:
+    """Whether this code runs in a Spark task: in a Python worker, running a UDF such as
+    ``mlflow.pyfunc.spark_udf``'s."""
+    # A worker imports pyspark before it runs a UDF; anywhere else, no need to import it here.
+    pyspark = sys.modules.get("pyspark")
+    task_context = getattr(pyspark, "TaskContext", None)
+    return task_context is not None and task_context.get() is not None
+
+
+def without_row_numbers(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with the leading ``Row N`` taken out of each ``error``: inside a Spark task N
+    counts within the Arrow batch Spark passed, not within the table, so it names a row the user
+    cannot find; the message sits in that row's own output anyway."""
+    return [
+        {**record, ERROR_COLUMN: ROW_NUMBER.sub("", record[ERROR_COLUMN])} if isinstance(record.get(ERROR_COLUMN), str)
+        else record
+        for record in records
+    ]

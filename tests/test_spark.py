@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -48,17 +49,21 @@ def texts() -> list:
     rows = [rng.choice(good) for _ in range(ROWS)]
     for index in range(0, ROWS, 9_973):  # bad rows scattered over every Arrow batch
         rows[index] = list(BAD)[index % len(BAD)]
+    rows[54_242] = ""  # row 4242 of the first Arrow batch of the second partition
     return rows
 
 
 def test_spark_udf_scores_every_row_with_params_and_returns_bad_rows_errors(spark, registered_reviews, texts):
+    from pyspark.sql import functions as F
+
     from mlflow_fullmodel.spark import nulls_for_failed_rows, result_type
 
     uri = "models:/reviews@champion"
     score = mlflow.pyfunc.spark_udf(spark, uri, result_type=result_type(uri, errors=True), params={"k": 2, "on_error": "return"},
                                     env_manager="local")
     frame = spark.createDataFrame(pd.DataFrame({"id": range(ROWS), "text": texts}))
-    scored = nulls_for_failed_rows(frame.withColumn("answer", score("text")), "answer").orderBy("id").toPandas()
+    with_answers = frame.withColumn("answer", score("text")).withColumn("udf_error", F.col("answer.error"))
+    scored = nulls_for_failed_rows(with_answers, "answer").orderBy("id").toPandas()
 
     assert len(scored) == ROWS and scored["id"].tolist() == list(range(ROWS))
     failed = scored[scored["error"].notna()]
@@ -66,6 +71,10 @@ def test_spark_udf_scores_every_row_with_params_and_returns_bad_rows_errors(spar
     for _, row in failed.iterrows():
         assert BAD[texts[row["id"]]] in row["error"]
         assert row[["label", "probability", "top_labels", "top_probabilities"]].isna().all()
+        # A row number counted within the Arrow batch (4242 for table row 54242) names another row
+        # of the table: the message carries none, as the UDF returns it and as spread out.
+        assert not re.search(r"\bRow \d+", row["udf_error"] + row["error"]), (row["id"], row["udf_error"])
+    assert failed.set_index("id").loc[54_242, "error"].startswith("preprocess[1] SentencePieceEncode: the text has no tokens")
 
     answered = scored[scored["error"].isna()]
     assert answered["top_labels"].map(len).eq(2).all()  # the k param reached the UDF
@@ -73,6 +82,22 @@ def test_spark_udf_scores_every_row_with_params_and_returns_bad_rows_errors(spar
     expected = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": sample["text"].tolist()}), params={"k": 2})
     assert sample["label"].tolist() == expected["label"].tolist()
     assert sample["probability"].tolist() == pytest.approx(expected["probability"].tolist(), rel=REL_TOL, abs=ABS_TOL)
+
+
+def test_nulls_for_failed_rows_takes_the_batch_row_number_out_of_a_scoring_servers_errors(spark):
+    from mlflow_fullmodel.spark import nulls_for_failed_rows
+
+    # What a scoring server started by spark_udf (env_manager="virtualenv", "uv", ...) answers: it
+    # runs outside the Spark task and numbers the rows of the batch it was sent.
+    answers = spark.createDataFrame(
+        [(7, ("pos", "nan")), (4242, (None, "Row 146, column 'text': value is missing (null).")),
+         (4243, (None, "Row 147: preprocess[1] SentencePieceEncode: the text has no tokens"))],
+        "id int, answer struct<label: string, error: string>",
+    )
+    spread = nulls_for_failed_rows(answers, "answer").orderBy("id").toPandas()
+    assert spread["error"].isna().tolist() == [True, False, False] and spread["label"].isna().tolist() == [False, True, True]
+    assert spread["error"].tolist()[1:] == ["column 'text': value is missing (null).",
+                                            "preprocess[1] SentencePieceEncode: the text has no tokens"]
 
 
 def test_the_batch_scoring_example_scores_a_parquet_table_next_to_it(spark, tracking, registered_reviews, tmp_path):
