@@ -55,13 +55,14 @@ def test_every_payload_format_gives_the_in_memory_answers(champion_server, text_
         ({"dataframe_records": [{"text": "fine"}, {"text": None}]}, "Row 1, column 'text': value is missing (null)."),
         # A value of another type than the signature's is the request's fault, named before any step runs.
         ({"dataframe_records": [{"text": 42}]}, "Row 0, column 'text': expected a string, got an integer."),
-        ({"inputs": {"text": ["fine", 4.5]}}, "Row 1, column 'text': expected a string, got a number."),
+        ({"dataframe_records": [{"text": "fine"}, {"text": 4.5}]}, "Row 1, column 'text': expected a string, got a number."),
         ({"dataframe_split": {"columns": ["text"], "data": [["fine"], [["a", "list"]]]}},
          "Row 1, column 'text': expected a string, got a list."),
         ('{"dataframe_records": [', "Invalid input"),
         ({"no_such_format": []}, "dataframe_records"),
     ],
-    ids=["k out of range", "k not a number", "missing column", "null text", "broken JSON", "unknown format"],
+    ids=["k out of range", "k not a number", "missing column", "null text", "a number for a text", "a number among texts",
+         "a list for a text", "broken JSON", "unknown format"],
 )
 def test_a_bad_request_is_a_400_with_a_json_message_and_no_stack_trace(champion_server, payload, message):
     response = invoke(champion_server, payload)

@@ -392,9 +392,14 @@ def _code_objects(obj: Any) -> list[types.CodeType]:
         return [obj.function.__code__]
     codes = []
     for value in vars(obj).values():
-        for part in (value, getattr(value, "__func__", None), getattr(value, "fget", None), getattr(value, "fset", None)):
-            if isinstance(part, types.FunctionType):
-                codes.append(part.__code__)
+        # Methods, static and class methods (__func__), properties (fget, fset, fdel),
+        # functools.cached_property and partialmethod (func), and decorated functions (__wrapped__).
+        parts = [value, *(getattr(value, name, None) for name in ("__func__", "fget", "fset", "fdel", "func"))]
+        for part in parts:
+            while part is not None:
+                if isinstance(part, types.FunctionType):
+                    codes.append(part.__code__)
+                part = getattr(part, "__wrapped__", None)
     return codes
 
 
