@@ -2,8 +2,9 @@
 
 ``verify_model`` downloads the model and checks, in order: every file against the digest recorded
 in the tracking store (what an attacker of the artifact store cannot rewrite), every file against
-the folder's own manifest, no Python bytecode or symlinks, the flavor's format version, the spec's
-paths and step targets, the signature when a public key is given, and last the parity check: the
+the folder's own manifest, no Python bytecode or symlinks, the signature when a public key is given
+(before any of the model's code is imported), the flavor's format version, the spec's paths and
+step targets (which imports the model's captured code), and last the parity check: the
 model, loaded by its embedded runtime in a clean process, must reproduce its golden example (and,
 when asked, the same in a new environment built from the model's requirements).
 """
@@ -88,13 +89,15 @@ def verify_model(
         report.checks.append(f"digest recorded in {record.source}")
     verify_manifest(path, strict=True)
     report.checks.append("manifest")
+    # Before anything of the model is read as more than bytes: the spec check below imports its
+    # captured code, which must not run unless it is the code that was signed.
+    if public_key is not None:
+        verify_signature(path, public_key)
+        report.checks.append("signature")
     flavor = flavor_configuration(path)
     folder = os.path.join(path, flavor["data"])
     load_fullmodel(folder, root=path)  # the spec's paths and step targets, by this runtime's rules
     report.checks.append("spec")
-    if public_key is not None:
-        verify_signature(path, public_key)
-        report.checks.append("signature")
     if parity:
         if read_golden(folder) is None:
             raise ModelFormatError(f"{model_uri} has no golden example to check (it was saved with check_parity=False).")

@@ -320,8 +320,24 @@ def test_a_byte_changed_after_signing_fails_even_with_the_manifest_rewritten(cop
     assert result.exit_code == 1 and result.output.startswith("Error: The signature of the model")
 
 
+def test_a_tampered_model_signed_by_another_key_runs_none_of_its_code(copy, keys, tmp_path):
+    sign_model(str(copy), keys["signer"])
+    # An attacker with write access: code that runs on import, a manifest to match, their own signature.
+    marker = tmp_path / "marker"
+    captured = copy / "fullmodel" / "code" / "sample_steps.py"
+    captured.write_text(captured.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
+    write_manifest(str(copy))
+    sign_model(str(copy), keys["other"])
+    with pytest.raises(fm.SignatureError, match="does not verify"):
+        verify_model(str(copy), public_key=keys["signer.pub"])
+    assert not marker.exists()
+    # The same code, run by a load that checks no signature, shows the marker is real.
+    fm.load_model(str(copy))
+    assert marker.exists()
+
+
 def test_a_registered_model_is_signed_in_its_artifact_store(registered, keys):
     sign_model("models:/integrity/1", keys["signer"])
     assert (artifact_folder("models:/integrity/1") / "model.sig").is_file()
     report = verify_model("models:/integrity/1", public_key=keys["signer.pub"])
-    assert report.checks == ["digest recorded in model version integrity/1", "manifest", "spec", "signature", "parity"]
+    assert report.checks == ["digest recorded in model version integrity/1", "manifest", "signature", "spec", "parity"]
