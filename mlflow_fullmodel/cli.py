@@ -41,7 +41,9 @@ def main() -> None:
               help="Require a signature made with the private half of this PEM public key.")
 @click.option("--fresh-env", is_flag=True,
               help="Also check parity in a new environment built from the model's requirements.txt.")
-def verify(model_uri: str, public_key: str | None, fresh_env: bool) -> None:
+@click.option("--allow-builds", is_flag=True,
+              help="With --fresh-env: let pip build source distributions (runs their setup.py); wheels only by default.")
+def verify(model_uri: str, public_key: str | None, fresh_env: bool, allow_builds: bool) -> None:
     """Check a model before serving or promoting it: every file against the digest recorded in the
     registry and against the model's manifest, the spec, the signature (with --public-key), then
     load it in a clean Python process and require it to reproduce its golden example.
@@ -51,7 +53,7 @@ def verify(model_uri: str, public_key: str | None, fresh_env: bool) -> None:
     from mlflow_fullmodel.verification import verify_model
 
     with _errors_as_messages():
-        report = verify_model(model_uri, public_key=public_key, fresh_env=fresh_env)
+        report = verify_model(model_uri, public_key=public_key, fresh_env=fresh_env, allow_builds=allow_builds)
     recorded = f", matching the digest recorded in {report.record.source}" if report.record else \
         " (no digest recorded in a registry for this URI: checked against its own manifest)"
     click.echo(f"OK: {model_uri} is intact ({report.digest}{recorded}); checked: {', '.join(report.checks)}. "
@@ -188,10 +190,12 @@ def diff(uri_a: str, uri_b: str, as_json: bool) -> None:
 @click.option("--alias", required=True, help="The alias to give the version, e.g. champion.")
 @click.option("--from-alias", default=None, help="Promote the version this alias holds instead of VERSION.")
 @click.option("--fresh-env", is_flag=True, help="Also check parity in an environment built from the model's requirements.")
+@click.option("--allow-builds", is_flag=True,
+              help="With --fresh-env: let pip build source distributions (runs their setup.py); wheels only by default.")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
               help="Require a signature made with the private half of this PEM public key.")
 def promote(name: str, version: str | None, alias: str, from_alias: str | None, fresh_env: bool,
-            public_key: str | None) -> None:
+            allow_builds: bool, public_key: str | None) -> None:
     """Verify version VERSION of registered model NAME, record the result on it as tags, then set
     ALIAS to it. On any failure no alias changes."""
     from mlflow_fullmodel.lifecycle import promote as promote_version
@@ -200,7 +204,7 @@ def promote(name: str, version: str | None, alias: str, from_alias: str | None, 
         raise click.UsageError("give either VERSION or --from-alias, not both and not neither.")
     with _errors_as_messages():
         done = promote_version(name, version, alias=alias, from_alias=from_alias, fresh_env=fresh_env,
-                               public_key=public_key)
+                               public_key=public_key, allow_builds=allow_builds)
     before = f" (it was on version {done.previous})" if done.previous and done.previous != done.version else ""
     click.echo(f"Promoted {name} version {done.version} to @{alias}{before}: verified "
                f"{', '.join(done.verification.checks)}; digest {done.verification.digest}.")

@@ -10,6 +10,10 @@ from __future__ import annotations
 class FullModelError(Exception):
     """Base class of every error this package raises on purpose."""
 
+    #: For an error of ``verify_model``: the checks that had passed before it (a record of a failed
+    #: verification lists only what ran).
+    checks_passed: tuple[str, ...] = ()
+
 
 class ConfigError(FullModelError, ValueError):
     """A transform, strategy or FullModel was configured in a way that cannot work or be saved."""

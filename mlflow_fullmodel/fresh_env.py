@@ -19,20 +19,68 @@ from mlflow_fullmodel.env_cache import ENV_CACHE_VARIABLE, READY_MARKER, REQUIRE
 from mlflow_fullmodel.exceptions import ParityError
 from mlflow_fullmodel.parity import check_parity
 
-__all__ = ["ENV_CACHE_VARIABLE", "check_parity_in_fresh_env", "fresh_env"]
+__all__ = ["ENV_CACHE_VARIABLE", "check_parity_in_fresh_env", "fresh_env", "named_requirements"]
 
 _logger = logging.getLogger(__name__)
 
 
-def fresh_env(requirements_file: str, timeout: float = 1800) -> str:
+#: What pip takes for a local archive to build and install when a requirement's name ends with it.
+_ARCHIVES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz")
+
+
+def named_requirements(text: str, source: str = "requirements.txt") -> list[str]:
+    """The requirements of a model's ``requirements.txt``, each a named package with an optional
+    version and environment marker (``torch==2.13.0``, ``tokenizers>=0.15; python_version>='3.10'``).
+
+    A model folder is untrusted input: pip reads options from the file (``--index-url``, ``-e``,
+    ``-r``, ``--trusted-host``) and installs paths and URLs by running their build scripts, so any
+    line but a named requirement is refused, naming it.
+
+    Raises:
+        ParityError: With ``stage`` "install", naming the line that is not a named requirement.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    named = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.split(" #")[0].strip() if not line.lstrip().startswith("#") else ""
+        if not entry:
+            continue
+        problem = None
+        if entry.startswith("-"):
+            problem = "a pip option"
+        else:
+            try:
+                requirement = Requirement(entry)
+            except InvalidRequirement:
+                problem = "not a named requirement (a path, a URL, or malformed)"
+            else:
+                if requirement.url is not None:
+                    problem = "a direct reference (name @ URL)"
+                elif requirement.name.lower().endswith(_ARCHIVES):
+                    problem = "a file name (pip installs a local archive of that name)"
+        if problem is not None:
+            raise ParityError(f"{source} line {number} ({entry[:200]!r}) is {problem}; a model's requirements may only "
+                              "name packages (with versions and markers), so that installing them runs no code of the "
+                              "model's choosing.", stage="install")
+        named.append(entry)
+    return named
+
+
+def fresh_env(requirements_file: str, timeout: float = 1800, allow_builds: bool = False) -> str:
     """The Python interpreter of a virtual environment with exactly ``requirements_file`` installed,
     built on first use and cached by the requirements' sha256.
 
+    Only named requirements are installed (``named_requirements``), and only as wheels unless
+    ``allow_builds``: building a source distribution runs its ``setup.py``.
+
     Raises:
-        ParityError: With ``stage`` "install", naming what pip said, when installing fails.
+        ParityError: With ``stage`` "install", naming what pip said, when installing fails, or the
+            line of the file that is not a named requirement.
     """
     with open(requirements_file, "rb") as f:
         requirements = f.read()
+    named = named_requirements(requirements.decode("utf-8", errors="replace"), requirements_file)
     key = hashlib.sha256(requirements).hexdigest()[:16]
     env = os.path.join(cache_dir(), key)
     python = os.path.join(env, "bin", "python")
@@ -47,7 +95,8 @@ def fresh_env(requirements_file: str, timeout: float = 1800) -> str:
     _logger.info("Building an environment from %s in %s (minutes the first time)", requirements_file, env)
     steps = [
         [sys.executable, "-m", "venv", env],
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", requirements_file],
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         *([] if allow_builds else ["--only-binary", ":all:"]), "--", *named],
     ]
     for command in steps:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -64,14 +113,14 @@ def fresh_env(requirements_file: str, timeout: float = 1800) -> str:
     return python
 
 
-def check_parity_in_fresh_env(folder: str, runtime_dir: str, root: str) -> None:
+def check_parity_in_fresh_env(folder: str, runtime_dir: str, root: str, allow_builds: bool = False) -> None:
     """The parity check of the MLflow model at ``root`` in an environment built from its
-    ``requirements.txt``.
+    ``requirements.txt`` (wheels only unless ``allow_builds``).
 
     Raises:
         ParityError: ``stage`` says what failed: "install", "import" or "outputs".
     """
-    python = fresh_env(os.path.join(root, "requirements.txt"))
+    python = fresh_env(os.path.join(root, "requirements.txt"), allow_builds=allow_builds)
     try:
         check_parity(folder, runtime_dir=runtime_dir, root=root, python=python)
     except ParityError as error:

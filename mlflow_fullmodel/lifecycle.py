@@ -333,6 +333,7 @@ def promote(
     from_alias: str | None = None,
     fresh_env: bool = False,
     public_key: str | None = None,
+    allow_builds: bool = False,
 ) -> Promotion:
     """Verify a registered version, record the result on it as tags, then give it ``alias``.
 
@@ -344,6 +345,7 @@ def promote(
         from_alias: The alias whose version is promoted, instead of ``version``.
         fresh_env: Also check parity in an environment built from the model's requirements.
         public_key: Require a signature made with this public key's private half.
+        allow_builds: Let the fresh environment build source distributions (wheels only by default).
 
     Returns:
         What was promoted, the version the alias held before, and the verification.
@@ -370,12 +372,11 @@ def promote(
         previous = str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:  # the alias is not set yet
         previous = None
-    checked = ["digest", "manifest", "spec"] + (["signature"] if public_key else []) + ["parity"] \
-        + (["fresh-env"] if fresh_env else [])
     try:
-        verification = verify_model(f"models:/{name}/{version}", public_key=public_key, fresh_env=fresh_env)
-    except FullModelError as error:
-        _record(client, name, version, "failed", checked, None, f"{type(error).__name__}: {error}")
+        verification = verify_model(f"models:/{name}/{version}", public_key=public_key, fresh_env=fresh_env,
+                                    allow_builds=allow_builds)
+    except FullModelError as error:  # recorded with the checks that passed before it, and no more
+        _record(client, name, version, "failed", list(error.checks_passed), None, f"{type(error).__name__}: {error}")
         raise
     _record(client, name, version, "passed", verification.checks, verification.digest, None)
     client.set_registered_model_alias(name, alias, version)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
-from mlflow_fullmodel.exceptions import IntegrityError, ModelFormatError
+from mlflow_fullmodel.exceptions import FullModelError, IntegrityError, ModelFormatError
 from mlflow_fullmodel.flavor import check_parity_of, flavor_configuration
 from mlflow_fullmodel.fresh_env import check_parity_in_fresh_env
 from mlflow_fullmodel.registry import Record, recorded_digest
@@ -53,7 +53,8 @@ def download_model(model_uri: str, dst_path: str | None = None) -> str:
 
 
 def verify_model(
-    model_uri: str, *, public_key: str | None = None, parity: bool = True, fresh_env: bool = False
+    model_uri: str, *, public_key: str | None = None, parity: bool = True, fresh_env: bool = False,
+    allow_builds: bool = False,
 ) -> Verification:
     """Check a model before it is served or promoted.
 
@@ -63,7 +64,9 @@ def verify_model(
             private key (``sign_model``).
         parity: Run the parity check in a clean process (it needs the golden example).
         fresh_env: Also run it in a new virtual environment built from the model's own
-            ``requirements.txt`` (cached by their hash; see ``fresh_env``).
+            ``requirements.txt`` (cached by their hash; see ``fresh_env``), after every other check.
+        allow_builds: Let that environment build source distributions (running their
+            ``setup.py``); by default it installs wheels only.
 
     Returns:
         What was checked, with the model's digest.
@@ -84,6 +87,18 @@ def verify_model(
     record = recorded_digest(model_uri)
     actual = Manifest.of_folder(path, skip_bytecode=False)
     report = Verification(model_uri, actual.digest, record, path)
+    try:
+        _run_checks(report, actual, public_key, parity, fresh_env, allow_builds)
+    except FullModelError as error:
+        error.checks_passed = tuple(report.checks)
+        raise
+    return report
+
+
+def _run_checks(report: Verification, actual: Manifest, public_key: str | None, parity: bool, fresh_env: bool,
+                allow_builds: bool) -> None:
+    """``verify_model``'s checks, in order, each named in ``report.checks`` once it passed."""
+    model_uri, path, record = report.model_uri, report.local_path, report.record
     if record is not None:
         _check_record(model_uri, record, actual)
         report.checks.append(f"digest recorded in {record.source}")
@@ -104,9 +119,8 @@ def verify_model(
         check_parity_of(path)
         report.checks.append("parity")
     if fresh_env:
-        check_parity_in_fresh_env(folder, os.path.join(path, flavor["code"]), path)
+        check_parity_in_fresh_env(folder, os.path.join(path, flavor["code"]), path, allow_builds=allow_builds)
         report.checks.append("fresh-env")
-    return report
 
 
 def _check_record(model_uri: str, record: Record, actual: Manifest) -> None:

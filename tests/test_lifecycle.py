@@ -75,6 +75,7 @@ def test_promote_refuses_a_tampered_version_and_leaves_every_alias_as_it_was(ver
     assert {alias: alias_version(alias) for alias in before} == before
     tags = version_tags(versions["tampered"])
     assert tags["result"] == "failed" and tags["error"].startswith("IntegrityError: The files of")
+    assert tags["checks"] == ""  # the first check failed: none is recorded as run
 
 
 def test_promote_from_an_alias_moves_the_version_it_holds(versions):
@@ -102,7 +103,9 @@ def test_promote_in_a_fresh_environment_refuses_a_version_whose_requirements_do_
     assert caught.value.stage == "install"
     assert "fullmodel-no-such-package" in str(caught.value)
     assert alias_version("champion") == versions["good"]
-    assert version_tags(versions["uninstallable"])["result"] == "failed"
+    tags = version_tags(versions["uninstallable"])
+    assert tags["result"] == "failed"
+    assert tags["checks"] == f"digest recorded in model version {NAME}/{versions['uninstallable']},manifest,spec,parity"
 
 
 @pytest.mark.slow
