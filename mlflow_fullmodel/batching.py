@@ -23,8 +23,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mlflow_fullmodel.collate import example_length, length_buckets, uncollate
-from mlflow_fullmodel.exceptions import ConfigError, FullModelError
+from mlflow_fullmodel.collate import example_length, length_buckets
+from mlflow_fullmodel.exceptions import ConfigError, DeadlineError, FullModelError
 from mlflow_fullmodel.pipeline import FullModel, records_frame
 
 __all__ = ["MicroBatcher"]
@@ -39,6 +39,7 @@ class _Job:
     examples: list[Any]
     params: Mapping[str, Any]
     key: Hashable
+    deadline: float | None = None  # a time.monotonic() value: past it, the call's rows are not run
     outputs: list[Any] = field(init=False)
     error: Exception | None = None
     done: bool = False
@@ -108,9 +109,14 @@ class MicroBatcher:
         """Like ``FullModel.predict``, with the forward pass shared with concurrent calls."""
         return records_frame(self.predict_records(data, params))
 
-    def predict_records(self, data: Any, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Like ``FullModel.predict_records``, with the forward pass shared with concurrent calls."""
-        return self.model.predict_records(data, params, forward_examples=self._forward, preprocessing=self._preprocessing)
+    def predict_records(self, data: Any, params: Mapping[str, Any] | None = None,
+                        deadline: float | None = None) -> list[dict[str, Any]]:
+        """Like ``FullModel.predict_records``, with the forward pass shared with concurrent calls.
+        Past ``deadline`` (a ``time.monotonic()`` value) the call stops with a ``DeadlineError``:
+        between its own steps, while it waits for a shared round, and before a batch of its rows."""
+        return self.model.predict_records(
+            data, params, forward_examples=lambda examples, values: self._forward(examples, values, deadline),
+            preprocessing=self._preprocessing, deadline=deadline)
 
     @contextmanager
     def _preprocessing(self) -> Iterator[None]:
@@ -124,7 +130,7 @@ class MicroBatcher:
                 self._preprocessing_calls -= 1
                 self._condition.notify_all()
 
-    def _forward(self, examples: list[Any], values: Mapping[str, Any]) -> list[Any]:
+    def _forward(self, examples: list[Any], values: Mapping[str, Any], deadline: float | None = None) -> list[Any]:
         if not examples:
             return []
         # Only the parameters of the collate and forward steps change a batch's results, so
@@ -132,16 +138,20 @@ class MicroBatcher:
         # only examples of one structure can be collated together (a tta param changes shapes).
         shared = {**self.model.collate_fn.params(), **self.model.forward_strategy.params()}
         key = (tuple(sorted((name, values[name]) for name in shared)), _structure(examples[0]))
-        job = _Job(examples, values, key=key)
-        deadline = time.monotonic() + self.timeout_s
+        job = _Job(examples, values, key=key, deadline=deadline)
+        timeout = time.monotonic() + self.timeout_s
+        give_up = timeout if deadline is None else min(timeout, deadline)
         with self._condition:
             self._pending.append(job)
         while True:
             with self._condition:
                 while not job.done and self._running:
-                    if not self._condition.wait(deadline - time.monotonic()) and not job.done:
+                    if not self._condition.wait(max(give_up - time.monotonic(), 0)) and not job.done:
                         if job in self._pending:
                             self._pending.remove(job)
+                        if give_up < timeout:
+                            raise DeadlineError("the request's work went past its deadline and was stopped while "
+                                                "waiting for a shared forward round")
                         raise TimeoutError(f"The forward pass did not answer within {self.timeout_s} s.")
                 if job.done:
                     break
@@ -190,9 +200,17 @@ class MicroBatcher:
             self._run_batch([items[i] for i in bucket])
 
     def _run_batch(self, items: list[tuple[_Job, int]]) -> None:
+        now = time.monotonic()
+        for job in {id(job): job for job, _ in items if job.deadline is not None and now > job.deadline}.values():
+            job.error = DeadlineError("the request's work went past its deadline and was stopped before forward")
+        items = [(job, index) for job, index in items if job.error is None]
+        if not items:
+            return
         jobs = list({id(job): job for job, _ in items}.values())
         try:
-            outputs = self._infer([job.examples[index] for job, index in items], jobs[0].params)
+            # The model's own forward round, over this one batch of examples from several calls.
+            examples = [job.examples[index] for job, index in items]
+            outputs = self.model.forward_examples(examples, jobs[0].params, batches=[list(range(len(examples)))])
         except Exception as error:
             if len(jobs) > 1:
                 # Run each request's rows on their own, so only the request at fault fails.
@@ -206,6 +224,3 @@ class MicroBatcher:
         for (job, index), output in zip(items, outputs):
             job.outputs[index] = output
 
-    def _infer(self, examples: list[Any], params: Mapping[str, Any]) -> list[Any]:
-        batch = self.model.collate(examples)
-        return uncollate(self.model.forward(batch, params), len(examples))

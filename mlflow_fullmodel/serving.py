@@ -198,10 +198,10 @@ class ServedModel:
             check_column_types(data, self.input_types)
             samples = self.limits.check(data, self.fullmodel.samples_per_row(params))
             with self.admission.admit(samples):
+                deadline = time.monotonic() + self.deadline_s
                 if self.batcher is not None:
-                    records = self.batcher.predict_records(data, params=params)
+                    records = self.batcher.predict_records(data, params=params, deadline=deadline)
                 else:
-                    deadline = time.monotonic() + self.deadline_s
                     records = self.fullmodel.predict_records(data, params=params, deadline=deadline)
         except (InputError, ParamError) as error:
             raise ServingError(str(error), INVALID_PARAMETER_VALUE) from None

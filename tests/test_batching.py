@@ -131,6 +131,36 @@ def test_requests_that_arrive_while_a_batch_runs_share_the_next_batch(scripted_n
         pd.testing.assert_frame_equal(results[i], model.predict([row(i)]))
 
 
+def test_a_call_waiting_for_a_shared_round_stops_at_its_deadline(scripted_net):
+    gate = Gate()
+    gate._sizes, gate._gate = [], threading.Event()
+    model = fm.FullModel(preprocess=[ParseIds()], module=scripted_net, forward=gate,
+                         postprocess=[TopK(labels=LABELS)], batch_size=64)
+    batcher = MicroBatcher(model, max_batch_size=64, max_wait_ms=0, timeout_s=600)
+    first = threading.Thread(target=batcher.predict, args=(["1 2 3"],))
+    first.start()
+    started = time.monotonic() + 30
+    while not gate._sizes and time.monotonic() < started:
+        time.sleep(0.01)
+    outcome: list[BaseException | pd.DataFrame] = []
+
+    def late() -> None:
+        try:
+            outcome.append(batcher.predict_records(["4 5 6"], deadline=time.monotonic() + 0.2))
+        except BaseException as error:
+            outcome.append(error)
+
+    second = threading.Thread(target=late)
+    second.start()
+    second.join(timeout=60)  # the round it waits for never ends while the gate is shut
+    gate._gate.set()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], fm.DeadlineError), outcome
+    assert "waiting for a shared forward round" in str(outcome[0])
+    assert gate._sizes == [1]  # its row never ran
+
+
 def test_requests_with_different_forward_params_never_share_a_batch(ids_model):
     batcher = MicroBatcher(ids_model, max_batch_size=64, max_wait_ms=50)
     rows = ["10 20 30"]
@@ -149,7 +179,8 @@ def test_requests_with_different_forward_params_never_share_a_batch(ids_model):
 
 
 def test_a_lone_request_is_answered_without_waiting_for_company(ids_model):
-    batcher = MicroBatcher(ids_model, max_wait_ms=600_000, timeout_s=60)  # would time out if it waited
+    # Waiting for company would hold it 600 s: the module's timeout would fail the test first.
+    batcher = MicroBatcher(ids_model, max_wait_ms=600_000, timeout_s=60)
     pd.testing.assert_frame_equal(batcher.predict(["1 2 3"]), ids_model.predict(["1 2 3"]))
 
 

@@ -383,14 +383,15 @@ def test_work_past_the_deadline_stops_between_steps_and_does_not_run_on(spm_path
     assert CALLS == ["slow", "postprocess"]
 
 
-def test_a_served_request_past_its_deadline_is_a_504_naming_the_setting(tmp_path, spm_path, scripted_net):
+@pytest.mark.parametrize("batching", [False, True], ids=["alone", "micro-batched"])
+def test_a_served_request_past_its_deadline_is_a_504_naming_the_setting(tmp_path, spm_path, scripted_net, batching):
     import mlflow
     from mlflow.exceptions import MlflowException
 
     model = fm.FullModel(preprocess=[Slow(), Normalize(), SentencePieceEncode(fm.Artifact(spm_path))],
                          module=scripted_net, postprocess=[TopK(labels=LABELS)])
     fm.save_model(model, str(tmp_path / "m"), input_example=["good film"])
-    served = mlflow.pyfunc.load_model(str(tmp_path / "m"), model_config={"deadline_s": 0.01})
+    served = mlflow.pyfunc.load_model(str(tmp_path / "m"), model_config={"deadline_s": 0.01, "batching": batching})
     with pytest.raises(MlflowException) as caught:
         served.predict(pd.DataFrame({"text": ["good film"] * 3}))
     assert caught.value.get_http_status_code() == 504
