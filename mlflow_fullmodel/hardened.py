@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio.to_thread
+import numpy as np
 
 __all__ = ["Guard", "json_depth", "request_values", "sanitized", "scrubbed", "serve_verified"]
 
@@ -51,26 +52,50 @@ _MAX_SCRUBBED_CHARS = 20_000
 _REDACTED = "<request data>"
 
 
-def json_depth(body: bytes) -> int:
+#: The bytes that matter to nesting: quote, backslash and brackets.
+_STRUCTURAL = np.zeros(256, dtype=bool)
+_STRUCTURAL[list(b'"\\[]{}')] = True
+
+
+def json_depth(body: bytes, chunk_bytes: int = 1 << 20) -> int:
     """The deepest nesting of arrays and objects in a JSON text, counted without parsing it (the
-    parser itself recurses, and a body nested 10,000 deep would exhaust its stack)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in body:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
+    parser itself recurses, and a body nested 10,000 deep would exhaust its stack).
+
+    Vectorised over chunks of ``chunk_bytes``, on the quotes, backslashes and brackets only: a
+    64 MiB body takes a fraction of a second, in steps short enough that other threads (the
+    server's event loop) get the interpreter between them. A quote counts unless an odd run of
+    backslashes precedes it; brackets count outside strings. (Exact for valid JSON, where
+    backslashes only occur inside strings; any other text fails to parse anyway.)
+    """
+    deepest = level = 0
+    in_string = False
+    carried = 0  # the run of backslashes that ended the previous chunk
+    for start in range(0, len(body), chunk_bytes):
+        chunk = np.frombuffer(body, dtype=np.uint8, count=min(chunk_bytes, len(body) - start), offset=start)
+        where = np.flatnonzero(_STRUCTURAL[chunk])
+        if not len(where):
+            carried = 0
+            continue
+        symbols = chunk[where]
+        backslash = symbols == 0x5C
+        # A backslash continues a run when the byte just before it is a backslash too.
+        adjacent = np.concatenate(([where[0] == 0], np.diff(where) == 1))
+        previous_backslash = np.concatenate(([carried > 0], backslash[:-1]))
+        continues = backslash & adjacent & previous_backslash
+        order = np.arange(len(symbols))
+        # Where each entry's run of backslashes began: -1 while it goes on from the previous chunk.
+        run_start = np.maximum.accumulate(np.where(backslash & ~continues, order, -1))
+        run = np.where(backslash, np.where(run_start < 0, order + 1 + carried, order - run_start + 1), 0)
+        run_before = np.where(adjacent, np.concatenate(([carried], run[:-1])), 0)
+        quotes = (symbols == 0x22) & (run_before % 2 == 0)
+        outside = (np.cumsum(quotes) - quotes + in_string) % 2 == 0
+        opens = (symbols == 0x5B) | (symbols == 0x7B)
+        closes = (symbols == 0x5D) | (symbols == 0x7D)
+        running = np.cumsum((outside & opens).astype(np.int64) - (outside & closes)) + level
+        deepest = max(deepest, int(running.max()))
+        level = int(running[-1])
+        in_string = bool((int(quotes.sum()) + in_string) % 2)
+        carried = int(run[-1]) if backslash[-1] and where[-1] == len(chunk) - 1 else 0
     return deepest
 
 

@@ -4,6 +4,7 @@ the answers `mlflow models serve` gives."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -11,10 +12,12 @@ import sys
 
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 from servers import free_port, leftover_processes, server_log, start, stop, wait_for
 from support import EXAMPLE_TEXTS
 
-from mlflow_fullmodel.hardened import json_depth, sanitized
+from mlflow_fullmodel.hardened import Guard, json_depth, sanitized
 
 MAX_BODY = 1_000_000
 
@@ -195,6 +198,60 @@ def test_serve_refuses_a_model_that_fails_verification(tracking, tmp_path):
                                          (b"[" * 50 + b"]" * 50, 50)])
 def test_json_depth_counts_brackets_outside_strings(body, depth):
     assert json_depth(body) == depth
+
+
+def _nesting(value) -> int:
+    if isinstance(value, list):
+        return 1 + max((_nesting(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_nesting(v) for v in value.values()), default=0)
+    return 0
+
+
+_TRICKY = st.text(alphabet='[]{}"\\ax,:', max_size=8)  # strings full of what a scan could miscount
+_JSON = st.recursive(st.none() | st.integers() | _TRICKY,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TRICKY, inner, max_size=3),
+                     max_leaves=20)
+
+
+@given(value=_JSON, chunk_bytes=st.sampled_from([1, 2, 3, 5, 64, 1 << 20]))
+def test_json_depth_is_the_nesting_of_any_json_text_whatever_its_chunks(value, chunk_bytes):
+    assert json_depth(json.dumps(value).encode(), chunk_bytes) == _nesting(value)
+
+
+def test_a_large_body_is_checked_off_the_event_loop_while_small_requests_are_answered():
+    async def app(scope, receive, send):  # answers at once: the guard's own work is what is measured
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = Guard(app, params=[], max_body_bytes=128 * 2**20)
+    big = json.dumps({"inputs": ["a wonderful film, " * 8] * 500_000}).encode()
+    assert len(big) > 64 * 2**20
+
+    async def call(body: bytes) -> int:
+        sent: list[dict] = []
+        scope = {"type": "http", "path": "/invocations", "method": "POST",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await guard(scope, receive, send)
+        return sent[0]["status"]
+
+    async def main() -> tuple[list[int], bool, int]:
+        large = asyncio.create_task(call(big))
+        await asyncio.sleep(0)  # the large request starts: its checks go to a worker thread
+        small = [await call(b'{"inputs": ["a good film"]}') for _ in range(20)]
+        return small, large.done(), await large
+
+    small, large_done_first, large_status = asyncio.run(main())
+    assert small == [200] * 20 and large_status == 200
+    assert not large_done_first  # the small requests did not wait for the large one's checks
 
 
 def test_sanitized_messages_lose_the_echo_and_the_paths():
