@@ -373,8 +373,21 @@ def guarded_app() -> Guard:
     loads it, its app behind ``Guard``."""
     from mlflow.pyfunc import scoring_server
 
+    from mlflow_fullmodel.exceptions import ParityError
+    from mlflow_fullmodel.flavor import flavor_configuration
+    from mlflow_fullmodel.parity import golden_problems
+
     settings = json.loads(os.environ[_SETTINGS_VARIABLE])
     model = scoring_server.load_model_with_mlflow_config(settings["model_path"])
+    # verify_model checked parity with the runtime embedded in the model; this process serves with
+    # the installed one: it must answer the golden example alike before it answers anyone.
+    folder = os.path.join(settings["model_path"], flavor_configuration(settings["model_path"])["data"])
+    problems = golden_problems(model.get_raw_model(), folder)
+    if problems:
+        raise ParityError(f"The installed mlflow-fullmodel does not reproduce the model's golden example: "
+                          f"{'; '.join(problems[:5])}. Serve it with the mlflow-fullmodel version that saved it.",
+                          stage="outputs")
+    _logger.info("The installed mlflow-fullmodel reproduces the model's golden example; serving.")
     schema = model.metadata.get_params_schema()
     params = [spec.name for spec in schema.params] if schema is not None else []
     inputs = model.metadata.get_input_schema()

@@ -27,7 +27,7 @@ from mlflow_fullmodel.exceptions import FullModelError, ParityError
 from mlflow_fullmodel.pipeline import FullModel, records_frame
 from mlflow_fullmodel.storage import load_fullmodel, read_golden
 
-__all__ = ["batch_invariance_problems", "check_parity", "compare_outputs", "preprocess_digests"]
+__all__ = ["batch_invariance_problems", "check_parity", "compare_outputs", "golden_problems", "preprocess_digests"]
 
 _logger = logging.getLogger(__name__)
 
@@ -149,6 +149,22 @@ def batch_invariance_problems(model: FullModel, inputs: Sequence[Any], params: M
     return compare_outputs(expected, batched, names=("alone", "in a padded batch"))
 
 
+def golden_problems(model: FullModel, folder: str) -> list[str]:
+    """Where ``model`` (as loaded by whichever runtime runs this) does not reproduce the golden
+    example saved in ``folder``, with the saved params and each variant's; empty if nowhere."""
+    golden = read_golden(folder)
+    if golden is None:
+        return ["the model has no golden example to check"]
+    problems = compare_outputs(golden.outputs, model.predict(golden.inputs, golden.params))
+    for params, outputs in golden.variants:
+        try:
+            differences = compare_outputs(outputs, model.predict(golden.inputs, params))
+        except FullModelError as error:
+            differences = [f"{type(error).__name__}: {error}"]
+        problems += [f"with params {params}: {difference}" for difference in differences]
+    return problems
+
+
 def _child_report(folder: str, expected_digests: list[list[str]] | None, root: str) -> dict[str, Any]:
     import mlflow_fullmodel
 
@@ -157,14 +173,8 @@ def _child_report(folder: str, expected_digests: list[list[str]] | None, root: s
     if golden is None:
         return {"error": "the model has no golden example to check"}
     report: dict[str, Any] = {"runtime": os.path.dirname(mlflow_fullmodel.__file__)}
-    report["problems"] = compare_outputs(golden.outputs, model.predict(golden.inputs, golden.params))
+    report["problems"] = golden_problems(model, folder)
     report["batch_problems"] = batch_invariance_problems(model, golden.inputs, golden.params)
-    for params, outputs in golden.variants:
-        try:
-            problems = compare_outputs(outputs, model.predict(golden.inputs, params))
-        except FullModelError as error:
-            problems = [f"{type(error).__name__}: {error}"]
-        report["problems"] += [f"with params {params}: {problem}" for problem in problems]
     if report["problems"] and expected_digests is not None:
         actual = preprocess_digests(model, golden.inputs)
         for row, (want, got) in enumerate(zip(expected_digests, actual)):

@@ -341,3 +341,18 @@ def test_a_registered_model_is_signed_in_its_artifact_store(registered, keys):
     assert (artifact_folder("models:/integrity/1") / "model.sig").is_file()
     report = verify_model("models:/integrity/1", public_key=keys["signer.pub"])
     assert report.checks == ["digest recorded in model version integrity/1", "manifest", "signature", "spec", "parity"]
+
+
+def test_a_runtime_that_does_not_reproduce_the_golden_example_is_named_before_serving(copy):
+    from mlflow_fullmodel.parity import golden_problems
+
+    model = fm.load_model(str(copy))
+    assert golden_problems(model, str(copy / "fullmodel")) == []
+    # As if this runtime answered otherwise than the one that saved the model: the golden differs.
+    golden_path = copy / "fullmodel" / "golden.json"
+    golden = json.loads(golden_path.read_text())
+    for row in golden["outputs"]["data"]:  # split orient: the label is the first column
+        row[0] = LABELS[1 - LABELS.index(row[0])]
+    golden_path.write_text(json.dumps(golden))
+    problems = golden_problems(model, str(copy / "fullmodel"))
+    assert problems and problems[0].startswith("row 0, column 'label': expected")
