@@ -342,7 +342,8 @@ def code_dir(tmp_path, monkeypatch) -> Path:
 
 def refused(target: str, why: str) -> str:
     return rf"^Step s: the target {re.escape(repr(target))} {why}\. A saved model's steps are step classes of its own " \
-           r"captured code or of mlflow_fullmodel; the spec was changed after saving\."
+           r"captured code or of mlflow_fullmodel; the spec was changed after saving\. Restore the model from its " \
+           r"source \(download it again\)\.$"
 
 
 def test_step_classes_of_the_captured_code_and_of_the_runtime_resolve(code_dir):
@@ -396,3 +397,44 @@ def test_a_captured_module_that_cannot_be_imported_or_lacks_the_name_is_a_format
     with pytest.raises(fm.ModelFormatError, match=r"Module 'steps' has no attribute 'Upper.nested' \(step steps:Upper"):
         import_steps({"s": "steps:Upper.nested"}, str(code_dir))
 
+
+
+def test_the_manifest_is_written_in_one_canonical_form():
+    manifest = Manifest({"b/x.txt": "2", "a.txt": "1"})
+    assert manifest.to_json() == ('{\n "algorithm": "sha256",\n "files": {\n  "a.txt": "1",\n  "b/x.txt": "2"\n },\n'
+                                  ' "manifest_version": 1\n}\n')
+    assert manifest.digest == Manifest({"a.txt": "1", "b/x.txt": "2"}).digest
+
+
+def test_write_manifest_leaves_bytecode_out_and_hashes_names_with_spaces(tmp_path):
+    root = write(tmp_path, {"code/my steps.py": "x = 1\n", "code/__pycache__/m.pyc": "pyc"})
+    assert write_manifest(str(root)).files == {"code/my steps.py": sha(b"x = 1\n")}
+    assert folder_hashes(str(root / "code")) == {"my steps.py": sha(b"x = 1\n")}
+    assert verify_manifest(str(root)).files == {"code/my steps.py": sha(b"x = 1\n")}
+
+
+def test_the_mlmodel_file_is_hashed_by_its_content_not_its_key_order_and_dates_are_hashed(tmp_path):
+    root = write(tmp_path, {"MLmodel": "model_uuid: abc\nutc_time_created: 2024-01-02\nflavors: {fullmodel: {a: 1, b: 2}}\n"})
+    saved = write_manifest(str(root))
+    write(root, {"MLmodel": "flavors: {fullmodel: {b: 2, a: 1}}\nutc_time_created: 2024-01-02\nmodel_uuid: abc\n"})
+    assert verify_manifest(str(root)) == saved
+    write(root, {"MLmodel": "flavors: {fullmodel: {b: 2, a: 1}}\nutc_time_created: 2024-01-03\nmodel_uuid: abc\n"})
+    with pytest.raises(fm.IntegrityError, match=r"changed since saving: \['MLmodel'\]"):
+        verify_manifest(str(root))
+
+
+def test_every_problem_of_a_folder_is_named_and_a_bad_manifest_by_its_path(tmp_path):
+    root = write(tmp_path / "model", {"a.txt": "a", "b.txt": "b"})
+    write_manifest(str(root))
+    write(root, {"a.txt": "A", "c.txt": "c"})
+    with pytest.raises(fm.IntegrityError, match=r"; changed since saving: \['a\.txt'\]; not part of the saved model: "
+                                                r"\['c\.txt'\]\. Restore"):
+        verify_manifest(str(root))
+    (root / MANIFEST_FILE).write_text("{broken")
+    with pytest.raises(fm.IntegrityError, match=rf"^{re.escape(str(root / MANIFEST_FILE))} is not valid JSON"):
+        verify_manifest(str(root))
+    (root / MANIFEST_FILE).unlink()
+    with pytest.raises(fm.IntegrityError, match=r"has no MANIFEST\.json, so its files cannot be checked\. It is not a "
+                                                r"saved fullmodel model, or it was saved by a release without "
+                                                r"manifests: save it again\.$"):
+        verify_manifest(str(root))

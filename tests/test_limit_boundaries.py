@@ -194,3 +194,11 @@ def test_a_heavy_request_that_fails_gives_its_slot_back():
 @pytest.mark.parametrize("cores, expected", [(1, 3), (2, 4), (27, 29), (28, 30), (29, 30), (64, 30)])
 def test_the_default_bound_is_the_servers_request_threads_but_two(cores, expected):
     assert default_heavy_requests(cores) == expected
+
+
+def test_without_a_core_count_the_default_bound_uses_the_machines(monkeypatch):
+    import os
+
+    assert default_heavy_requests() == min(32, (os.cpu_count() or 1) + 4) - 2
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert default_heavy_requests() == 3  # one core assumed

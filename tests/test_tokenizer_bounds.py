@@ -3,6 +3,8 @@ exactly ``max_length`` tokens and one more, and the smallest ``max_length`` each
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -189,3 +191,53 @@ def test_tokenizer_encode_keeps_a_text_of_exactly_max_length_and_truncates_one_m
         step = TokenizerEncode(artifact, max_length=max_length, add_special_tokens=special, truncation_side=side)
         assert step(TEXT).tolist() == want, (max_length, special)
         assert [row.tolist() for row in step.batch([TEXT, TEXT])] == [want, want], (max_length, special)
+
+
+# -- what the decode steps accept as candidates and columns ---------------------------------------
+
+
+def decoders(spm_path, hf_tokenizer_path):
+    return [(SentencePieceDecode, fm.Artifact(spm_path), "translation", ValueError),
+            (TokenizerDecode, fm.Artifact(hf_tokenizer_path), "generated_text", fm.ConfigError)]
+
+
+@pytest.mark.parametrize("candidates", [iter([([4], 0.0)]), [([4], 0.0, "extra")], [(4, 0.0)], [[4]], "ab",
+                                        torch.tensor([4, 5])])
+def test_the_decode_steps_refuse_anything_but_a_list_of_id_score_pairs(spm_path, hf_tokenizer_path, candidates):
+    for step, artifact, _, _ in decoders(spm_path, hf_tokenizer_path):
+        with pytest.raises(fm.ConfigError, match=rf"^{step.__name__} expects a list of \(token_ids, score\) candidates "
+                                                 r"per example, as GreedySearch and BeamSearch return, got \w+; use one "
+                                                 r"of them as the FullModel's forward strategy\.$"):
+            step(artifact)(candidates)
+
+
+def test_the_decode_steps_answer_the_best_candidate_in_their_default_column_and_nothing_for_none(spm_path,
+                                                                                             hf_tokenizer_path):
+    for step, artifact, column, _ in decoders(spm_path, hf_tokenizer_path):
+        decode = step(artifact)
+        assert decode([]) == {column: "", "candidates": [], "scores": []}
+        answer = decode([([4, 5], -1.0), ([6], -2.0)])
+        assert answer[column] == answer["candidates"][0] != answer["candidates"][1]
+
+
+@pytest.mark.parametrize("column", ["candidates", "scores", "", 5, None])
+def test_the_decode_steps_refuse_a_column_that_is_not_a_free_name(spm_path, hf_tokenizer_path, column):
+    for step, artifact, _, error in decoders(spm_path, hf_tokenizer_path):
+        with pytest.raises(error, match=rf"^{step.__name__}: column must be a non-empty name other than 'candidates' "
+                                        rf"and 'scores' \(the other output columns\), got {re.escape(repr(column))}\.$"):
+            step(artifact, column=column)
+
+
+def test_the_decode_steps_refuse_a_path_that_is_not_an_artifact(spm_path, hf_tokenizer_path):
+    with pytest.raises(TypeError, match=r"^SentencePieceDecode: model_file must be an Artifact, got str; wrap the path: "
+                                        r"Artifact\('target\.model'\)\.$"):
+        SentencePieceDecode(spm_path)
+    with pytest.raises(fm.ConfigError, match=r"^TokenizerDecode: tokenizer_file must be an Artifact, got str; wrap the "
+                                             r"path: Artifact\('tokenizer\.json'\)\.$"):
+        TokenizerDecode(hf_tokenizer_path)
+
+
+def test_the_encode_steps_batch_refuses_rows_that_are_not_strings(spm_path, hf_tokenizer_path):
+    for step in (SentencePieceEncode(fm.Artifact(spm_path)), TokenizerEncode(fm.Artifact(hf_tokenizer_path))):
+        with pytest.raises(fm.InputError, match=r"^expected strings$"):
+            step.batch(["a film", 3])
