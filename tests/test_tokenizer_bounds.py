@@ -206,7 +206,8 @@ def decoders(spm_path, hf_tokenizer_path):
 def test_the_decode_steps_refuse_anything_but_a_list_of_id_score_pairs(spm_path, hf_tokenizer_path, candidates):
     for step, artifact, _, _ in decoders(spm_path, hf_tokenizer_path):
         with pytest.raises(fm.ConfigError, match=rf"^{step.__name__} expects a list of \(token_ids, score\) candidates "
-                                                 r"per example, as GreedySearch and BeamSearch return, got \w+; use one "
+                                                 r"per example, as GreedySearch and BeamSearch return, got "
+                                                 rf"{type(candidates).__name__}; use one "
                                                  r"of them as the FullModel's forward strategy\.$"):
             step(artifact)(candidates)
 
