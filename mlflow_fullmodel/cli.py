@@ -6,6 +6,9 @@ Every error is one line, ``Error: ...``, with exit code 1 (or 2 for a usage erro
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,6 +36,9 @@ def _errors_as_messages() -> Iterator[None]:
 @click.version_option(mlflow_fullmodel.__version__, prog_name="mlflow-fullmodel")
 def main() -> None:
     """Inspect, verify, sign, compare and promote models saved with the fullmodel MLflow flavor."""
+    if not sys.stderr.isatty():
+        # MLflow draws its download bar into logs and captured output too; a terminal keeps it.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @main.command()
@@ -53,7 +59,8 @@ def verify(model_uri: str, public_key: str | None, fresh_env: bool, allow_builds
     from mlflow_fullmodel.verification import verify_model
 
     with _errors_as_messages():
-        report = verify_model(model_uri, public_key=public_key, fresh_env=fresh_env, allow_builds=allow_builds)
+        report = verify_model(model_uri, public_key=public_key, fresh_env=fresh_env, allow_builds=allow_builds,
+                              keep_download=False)
     recorded = f", matching the digest recorded in {report.record.source}" if report.record else \
         " (no digest recorded in a registry for this URI: checked against its own manifest)"
     click.echo(f"OK: {model_uri} is intact ({report.digest}{recorded}); checked: {', '.join(report.checks)}. "
@@ -82,7 +89,11 @@ def serve_command(model_uri: str, host: str, port: int, public_key: str | None, 
         report = verify_model(model_uri, public_key=public_key)
     click.echo(f"Verified {model_uri} ({report.digest}; {', '.join(report.checks)}); serving on http://{host}:{port}",
                err=True)
-    serve_verified(report.local_path, host, port, max_body_bytes, max_json_depth, workers)
+    try:
+        serve_verified(report.local_path, host, port, max_body_bytes, max_json_depth, workers)
+    finally:
+        if report.download_dir is not None:
+            shutil.rmtree(report.download_dir, ignore_errors=True)
 
 
 @main.command()

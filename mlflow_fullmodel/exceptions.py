@@ -60,8 +60,8 @@ class ParityError(FullModelError):
     """A reloaded model did not reproduce the outputs recorded when it was saved.
 
     ``stage`` says what failed: ``"install"`` (its environment could not be built), ``"import"``
-    (it did not load), ``"outputs"`` (it answered differently) or ``"batch"`` (a row's answer changes
-    when it is batched with other rows).
+    (it did not load), ``"outputs"`` (it answered differently), ``"batch"`` (a row's answer changes
+    when it is batched with other rows) or ``"timeout"`` (the clean process took too long).
     """
 
     def __init__(self, message: str, stage: str = "outputs") -> None:

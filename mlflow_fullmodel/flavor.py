@@ -483,12 +483,12 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Serve
     the ``MLFLOW_FULLMODEL_*`` environment variables) sets the serving settings of
     ``serving.serving_config``."""
     config = serving_config(model_config)
-    set_thread_count(config)
     root = os.path.dirname(os.path.normpath(path))
     try:
         fullmodel = _load_checked(root, config["device"])
     except FullModelError as error:
         raise MlflowException(str(error)) from error
+    set_thread_count(config)  # process-wide: only for a model that passed its checks
     signature = Model.load(os.path.join(root, MLMODEL_FILE_NAME)).signature
     outputs = signature.outputs.input_names() if signature is not None and signature.outputs is not None else []
     inputs = signature.inputs.inputs if signature is not None and signature.inputs is not None else []

@@ -374,7 +374,7 @@ def promote(
         previous = None
     try:
         verification = verify_model(f"models:/{name}/{version}", public_key=public_key, fresh_env=fresh_env,
-                                    allow_builds=allow_builds)
+                                    allow_builds=allow_builds, require_record=True, keep_download=False)
     except FullModelError as error:  # recorded with the checks that passed before it, and no more
         _record(client, name, version, "failed", list(error.checks_passed), None, f"{type(error).__name__}: {error}")
         raise

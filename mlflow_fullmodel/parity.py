@@ -38,7 +38,8 @@ ABS_TOL = 1e-6
 # fixed, and the installed mlflow_fullmodel (if any) must not be the one found.
 _CHILD = r"""
 import importlib.machinery, json, sys
-runtime, folder, root, expected = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+runtime, folder, root = sys.argv[1], sys.argv[2], sys.argv[3]
+expected = json.loads(sys.stdin.read())  # on stdin: one argv element holds at most 128 KiB
 
 class _EmbeddedRuntimeOnly:
     def find_spec(self, name, path=None, target=None):
@@ -217,14 +218,20 @@ def check_parity(
 
     runtime_dir = runtime_dir or os.path.dirname(os.path.dirname(mlflow_fullmodel.__file__))
     with tempfile.TemporaryDirectory(prefix="fullmodel-parity-") as cwd:
-        result = subprocess.run(
-            [python or sys.executable, "-I", "-c", _CHILD, os.path.abspath(runtime_dir), os.path.abspath(folder),
-             os.path.abspath(root or folder), json.dumps(digests)],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        try:
+            result = subprocess.run(
+                [python or sys.executable, "-I", "-c", _CHILD, os.path.abspath(runtime_dir), os.path.abspath(folder),
+                 os.path.abspath(root or folder)],
+                input=json.dumps(digests),
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise ParityError(f"The parity check of {folder} did not finish within {timeout:.0f} s: loading the model "
+                              "or answering its golden example in a clean process takes longer than that.",
+                              stage="timeout") from None
     marker = result.stdout.rfind("@@parity@@")
     if marker < 0:
         raise ParityError(

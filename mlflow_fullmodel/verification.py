@@ -12,6 +12,8 @@ when asked, the same in a new environment built from the model's requirements).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 from mlflow.exceptions import MlflowException
@@ -37,6 +39,7 @@ class Verification:
     record: Record | None
     local_path: str  # the downloaded copy that was checked
     checks: list[str] = field(default_factory=list)
+    download_dir: str | None = None  # where it was downloaded, kept with keep_download: remove it after use
 
 
 def download_model(model_uri: str, dst_path: str | None = None) -> str:
@@ -54,7 +57,7 @@ def download_model(model_uri: str, dst_path: str | None = None) -> str:
 
 def verify_model(
     model_uri: str, *, public_key: str | None = None, parity: bool = True, fresh_env: bool = False,
-    allow_builds: bool = False,
+    allow_builds: bool = False, require_record: bool = False, keep_download: bool = True,
 ) -> Verification:
     """Check a model before it is served or promoted.
 
@@ -67,6 +70,10 @@ def verify_model(
             ``requirements.txt`` (cached by their hash; see ``fresh_env``), after every other check.
         allow_builds: Let that environment build source distributions (running their
             ``setup.py``); by default it installs wheels only.
+        require_record: Fail when no digest of the model is recorded in the registry (a version
+            whose logging stopped before recording it): what ``promote`` requires.
+        keep_download: Keep the downloaded copy (``Verification.local_path``, e.g. to serve it);
+            otherwise a download is removed once checked.
 
     Returns:
         What was checked, with the model's digest.
@@ -83,15 +90,27 @@ def verify_model(
         report = verify_model("models:/reviews/3", public_key="signing-key.pub")
         print(report.digest, report.checks)
     """
-    path = download_model(model_uri)
-    record = recorded_digest(model_uri)
-    actual = Manifest.of_folder(path, skip_bytecode=False)
-    report = Verification(model_uri, actual.digest, record, path)
+    scratch = None if os.path.isdir(model_uri) else tempfile.mkdtemp(prefix="fullmodel-verify-")
     try:
-        _run_checks(report, actual, public_key, parity, fresh_env, allow_builds)
-    except FullModelError as error:
-        error.checks_passed = tuple(report.checks)
+        path = model_uri if scratch is None else download_model(model_uri, scratch)
+        record = recorded_digest(model_uri)
+        if record is None and require_record:
+            raise IntegrityError(f"No digest of {model_uri} is recorded in the registry: it was not logged with "
+                                 "mlflow_fullmodel.log_model, or its logging stopped before the digest was recorded. "
+                                 "Log it again; only a model with a recorded digest can be promoted.")
+        actual = Manifest.of_folder(path, skip_bytecode=False)
+        report = Verification(model_uri, actual.digest, record, path, download_dir=scratch if keep_download else None)
+        try:
+            _run_checks(report, actual, public_key, parity, fresh_env, allow_builds)
+        except FullModelError as error:
+            error.checks_passed = tuple(report.checks)
+            raise
+    except BaseException:
+        keep_download = False
         raise
+    finally:
+        if scratch is not None and not keep_download:
+            shutil.rmtree(scratch, ignore_errors=True)
     return report
 
 

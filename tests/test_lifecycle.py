@@ -21,6 +21,7 @@ import mlflow_fullmodel as fm
 from mlflow_fullmodel.cli import main
 from mlflow_fullmodel.fresh_env import ENV_CACHE_VARIABLE
 from mlflow_fullmodel.lifecycle import VERIFICATION_TAG, promote
+from mlflow_fullmodel.verification import verify_model
 
 NAME = "lifecycle"
 
@@ -68,8 +69,8 @@ def test_promote_verifies_records_the_result_and_sets_the_alias(versions):
 def test_promote_refuses_a_tampered_version_and_leaves_every_alias_as_it_was(versions):
     before = {alias: alias_version(alias) for alias in ("champion", "challenger")}
     result = CliRunner().invoke(main, ["promote", NAME, versions["tampered"], "--alias", "champion"])
-    assert result.exit_code == 1
-    assert result.output.startswith(f"Error: The files of models:/{NAME}/{versions['tampered']} do not match the digest")
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: The files of models:/{NAME}/{versions['tampered']} do not match the digest"), result.output
     assert "changed since saving: ['fullmodel/fullmodel.json']" in result.output
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
     assert {alias: alias_version(alias) for alias in before} == before
@@ -217,3 +218,26 @@ def test_an_unreachable_tracking_server_is_named_in_one_line(tmp_path):
 def test_version_is_printed(tmp_path):
     result = CliRunner().invoke(main, ["--version"])
     assert result.output == f"mlflow-fullmodel, version {fm.__version__}\n"
+
+
+def test_promote_refuses_a_version_with_no_digest_recorded_and_moves_no_alias(versions, text_model, tmp_path):
+    # Logged as plain files, as a log_model stopped before it recorded the digest leaves a version.
+    fm.save_model(text_model, str(tmp_path / "model"), input_example=EXAMPLE_TEXTS)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tmp_path / "model"), "model")
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", NAME).version
+    before = alias_version("champion")
+    assert verify_model(f"models:/{NAME}/{version}").record is None  # verify alone checks the folder itself
+    with pytest.raises(fm.IntegrityError, match=rf"No digest of models:/{NAME}/{version} is recorded in the registry"):
+        promote(NAME, str(version), alias="champion")
+    assert alias_version("champion") == before
+    assert version_tags(str(version))["result"] == "failed"
+
+
+def test_verify_removes_its_download_unless_asked_to_keep_it(versions):
+    uri = f"models:/{NAME}/{versions['good']}"
+    removed = verify_model(uri, parity=False, keep_download=False)
+    assert not Path(removed.local_path).exists() and removed.download_dir is None
+    kept = verify_model(uri, parity=False)
+    assert Path(kept.local_path).is_dir() and Path(kept.local_path).is_relative_to(kept.download_dir)
+    shutil.rmtree(kept.download_dir)

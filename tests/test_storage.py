@@ -367,3 +367,16 @@ def test_a_step_of_the_wrong_kind_for_its_place_is_refused_at_load(tmp_path, tex
     write_manifest(folder)
     with pytest.raises(fm.ModelFormatError, match="The spec's collate step is a CallModule, not a Collate"):
         load_fullmodel(folder)
+
+
+def test_the_parity_check_takes_digests_past_what_one_argument_may_hold(tmp_path, text_model):
+    folder = saved(tmp_path, text_model)
+    digests = [["0" * 16] * len(text_model.preprocess_steps)] * 20_000  # about 800 KiB of JSON
+    check_parity(folder, digests=digests)  # used only to name a step when outputs differ
+
+
+def test_a_parity_check_past_its_timeout_is_a_parity_error_naming_it(tmp_path, text_model):
+    folder = saved(tmp_path, text_model)
+    with pytest.raises(fm.ParityError, match=r"did not finish within 0 s") as caught:
+        check_parity(folder, timeout=0.01)
+    assert caught.value.stage == "timeout"
