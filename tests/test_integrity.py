@@ -356,3 +356,14 @@ def test_a_runtime_that_does_not_reproduce_the_golden_example_is_named_before_se
     golden_path.write_text(json.dumps(golden))
     problems = golden_problems(model, str(copy / "fullmodel"))
     assert problems and problems[0].startswith("row 0, column 'label': expected")
+
+
+def test_a_model_that_fails_its_checks_leaves_torchs_threads_as_they_were(copy):
+    import torch
+
+    (copy / "fullmodel" / "golden.json").write_text("{}")  # a byte changed: the manifest check fails
+    threads = torch.get_num_threads()
+    wanted = 1 if threads != 1 else 2
+    with pytest.raises(mlflow.exceptions.MlflowException, match="changed since saving"):
+        mlflow.pyfunc.load_model(str(copy), model_config={"num_threads": wanted})
+    assert torch.get_num_threads() == threads
