@@ -89,7 +89,16 @@ def test_a_lone_surrogate_is_refused_and_other_non_ascii_text_is_not():
     assert limits().check(pd.DataFrame({"text": ["naïve café ✓ 🎬"]})) == 1
     with pytest.raises(InputError, match=r"^Row 1, column 'text' is not valid Unicode text: a lone surrogate "
                                          r"\(U\+D800\) at character 2\.$"):
-        limits().check(pd.DataFrame({"text": pd.Series(["fine", "ab\ud800cd"], dtype=object)}))
+        limits().check(object_frame(["fine", "ab\ud800cd"]))
+
+
+def object_frame(texts: list[str]) -> pd.DataFrame:
+    """A one-column frame of Python strings as they are, whatever pandas' string storage is set to
+    (Arrow cannot hold a lone surrogate)."""
+    frame = pd.DataFrame({"text": [""] * len(texts)}, dtype=object)
+    for row, text in enumerate(texts):
+        frame.iloc[row, 0] = text
+    return frame
 
 
 # -- bytes per binary value -----------------------------------------------------------------------
