@@ -42,6 +42,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelInputExample, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
@@ -72,7 +73,8 @@ from mlflow_fullmodel.modules import EAGER
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.registry import record_digest
-from mlflow_fullmodel.serving import SETTINGS, ServedModel, serve, serving_config, set_thread_count
+from mlflow_fullmodel.serving import ServedModel, serve, set_thread_count
+from mlflow_fullmodel.settings import ServingSettings
 from mlflow_fullmodel.storage import FORMAT_VERSION, load_fullmodel, make_golden, save_fullmodel
 from mlflow_fullmodel.storage.integrity import Manifest, confined_path, verify_manifest, write_manifest
 
@@ -239,7 +241,7 @@ def _write_model(
         python_env=_PYTHON_ENV_FILE_NAME,
         # Declared so that MLflow passes load-time overrides through (it drops unknown keys);
         # None means: the MLFLOW_FULLMODEL_* environment variable, else the default.
-        model_config=dict.fromkeys(SETTINGS),
+        model_config=dict.fromkeys(ServingSettings.names()),
     )
     mlflow_model.add_flavor(
         FLAVOR_NAME,
@@ -481,16 +483,19 @@ def _load_checked(model_path: str, device: str) -> FullModel:
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> ServedModel:
     """Called by ``mlflow.pyfunc.load_model``. ``model_config`` (or, for ``mlflow models serve``,
     the ``MLFLOW_FULLMODEL_*`` environment variables) sets the serving settings of
-    ``serving.serving_config``."""
-    config = serving_config(model_config)
+    ``settings.ServingSettings``."""
+    try:
+        settings = ServingSettings.resolve(model_config)
+    except ConfigError as error:
+        raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
     root = os.path.dirname(os.path.normpath(path))
     try:
-        fullmodel = _load_checked(root, config["device"])
+        fullmodel = _load_checked(root, settings.device)
     except FullModelError as error:
         raise MlflowException(str(error)) from error
-    set_thread_count(config)  # process-wide: only for a model that passed its checks
+    set_thread_count(settings)  # process-wide: only for a model that passed its checks
     signature = Model.load(os.path.join(root, MLMODEL_FILE_NAME)).signature
     outputs = signature.outputs.input_names() if signature is not None and signature.outputs is not None else []
     inputs = signature.inputs.inputs if signature is not None and signature.inputs is not None else []
     types = {str(c.name): c.type.name for c in inputs if isinstance(getattr(c, "type", None), DataType)}
-    return serve(fullmodel, config, [str(name) for name in outputs], types)
+    return serve(fullmodel, settings, [str(name) for name in outputs], types)

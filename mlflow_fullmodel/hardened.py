@@ -356,12 +356,13 @@ def serve_verified(model_path: str, host: str, port: int, max_body_bytes: int = 
     import uvicorn
     from mlflow.pyfunc import scoring_server
 
-    from mlflow_fullmodel.serving import NUM_THREADS_VARIABLE, default_thread_count
+    from mlflow_fullmodel.serving import default_thread_count
+    from mlflow_fullmodel.settings import variable_of
 
     # As under `mlflow models serve`: the model sees that it is in a scoring server (threads, tuning).
     os.environ[scoring_server._SERVER_MODEL_PATH] = model_path
     # The workers share the cores: each takes its part unless the user set the threads.
-    os.environ.setdefault(NUM_THREADS_VARIABLE, str(default_thread_count(workers)))
+    os.environ.setdefault(variable_of("num_threads"), str(default_thread_count(workers)))
     os.environ[_SETTINGS_VARIABLE] = json.dumps({"model_path": model_path, "max_body_bytes": max_body_bytes,
                                                  "max_json_depth": max_json_depth})
     uvicorn.run("mlflow_fullmodel.hardened:guarded_app", factory=True, host=host, port=port, workers=workers,

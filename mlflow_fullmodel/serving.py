@@ -2,7 +2,7 @@
 wrapper MLflow calls.
 
 Settings come from the pyfunc ``model_config`` or, for ``mlflow models serve``, from
-``MLFLOW_FULLMODEL_*`` environment variables (``serving_config``). Inside a scoring server the
+``MLFLOW_FULLMODEL_*`` environment variables (``settings.ServingSettings``). Inside a scoring server the
 process itself is tuned (``tune_scoring_server``) and torch's intra-op threads are set for the
 number of server workers sharing the machine (``default_thread_count``).
 """
@@ -34,9 +34,11 @@ from mlflow_fullmodel.batching import MicroBatcher
 from mlflow_fullmodel.exceptions import DeadlineError, FullModelError, InputError, ModelError, ParamError
 from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, brief, records_frame
 from mlflow_fullmodel.schema import check_column_types
+from mlflow_fullmodel.settings import ServingSettings, variable_of
 from mlflow_fullmodel.spark import in_spark_task, without_row_numbers
 
-__all__ = ["SETTINGS", "RequestLimits", "ServedModel", "ServingError", "default_thread_count", "serve", "serving_config", "set_thread_count", "tune_scoring_server"]
+__all__ = ["RequestLimits", "ServedModel", "ServingError", "default_thread_count", "serve", "set_thread_count",
+           "tune_scoring_server"]
 
 _logger = logging.getLogger(__name__)
 
@@ -170,7 +172,7 @@ def _check_unicode(text: str, row: int, column: str) -> None:
 
 
 def _over(setting: str, limit: int, what: str, fix: str) -> str:
-    variable = _SERVING_DEFAULTS[setting][0]
+    variable = variable_of(setting)
     return (f"{what}, over the limit {setting}={limit}; {fix}, or raise the limit (pyfunc model_config "
             f"'{setting}' or the environment variable {variable} of the server).")
 
@@ -226,64 +228,6 @@ class ServedModel:
         if os.environ.get(_SERVING_ENVIRONMENT) == "true":
             return records
         return records_frame(records)
-
-
-NUM_THREADS_VARIABLE = "MLFLOW_FULLMODEL_NUM_THREADS"
-
-#: Serving settings: pyfunc ``model_config`` key -> (environment variable, default, type).
-_SERVING_DEFAULTS: dict[str, tuple[str, Any, type]] = {
-    "device": ("MLFLOW_FULLMODEL_DEVICE", "cpu", str),
-    # None: on for CUDA, where a batch costs about what one example does; off on the CPU, where
-    # intra-op threads already spread one example over the cores, and the merged batches (a
-    # scoring server runs at most cores + 4 requests at once) are too small to repay their padding.
-    "batching": ("MLFLOW_FULLMODEL_BATCHING", None, bool),
-    "max_batch_size": ("MLFLOW_FULLMODEL_MAX_BATCH_SIZE", None, int),  # None: the model's batch_size
-    "max_wait_ms": ("MLFLOW_FULLMODEL_MAX_WAIT_MS", 2.0, float),
-    # None: in a scoring server half the cores, shared by its workers (default_thread_count);
-    # torch's default elsewhere.
-    "num_threads": (NUM_THREADS_VARIABLE, None, int),
-    # Process-wide settings for a scoring server's own process (see tune_scoring_server).
-    "tune_server": ("MLFLOW_FULLMODEL_TUNE_SERVER", True, bool),
-    # Limits on one request, checked before any work (see RequestLimits).
-    "max_rows": ("MLFLOW_FULLMODEL_MAX_ROWS", 10_000, int),
-    "max_text_chars": ("MLFLOW_FULLMODEL_MAX_TEXT_CHARS", 100_000, int),
-    "max_bytes": ("MLFLOW_FULLMODEL_MAX_BYTES", 16 * 1024 * 1024, int),
-    "max_samples": ("MLFLOW_FULLMODEL_MAX_SAMPLES", 20_000, int),
-    # A little under the scoring server's own timeout (60 s), which answers 504 but lets the work run on.
-    "deadline_s": ("MLFLOW_FULLMODEL_DEADLINE_S", 55.0, float),
-    # Heavy requests at once (see Admission); None: the server's request threads but two.
-    "heavy_samples": ("MLFLOW_FULLMODEL_HEAVY_SAMPLES", 256, int),
-    "max_heavy_requests": ("MLFLOW_FULLMODEL_MAX_HEAVY_REQUESTS", None, int),
-}
-
-
-SETTINGS = tuple(_SERVING_DEFAULTS)
-
-
-def serving_config(model_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Resolve each serving setting: ``model_config``, else its environment variable, else the
-    default. Unknown keys and unparsable values are errors naming them."""
-    config = {k: v for k, v in (model_config or {}).items() if v is not None}
-    unknown = sorted(set(config) - set(_SERVING_DEFAULTS))
-    if unknown:
-        raise MlflowException(
-            f"Unknown model_config key(s) {unknown} for a fullmodel model; valid keys: "
-            f"{sorted(_SERVING_DEFAULTS)}.",
-            error_code=INVALID_PARAMETER_VALUE,
-        )
-    resolved = {}
-    for key, (variable, default, kind) in _SERVING_DEFAULTS.items():
-        value = config.get(key, os.environ.get(variable, default))
-        if isinstance(value, str) and kind is not str:
-            try:
-                value = value.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
-            except ValueError:
-                raise MlflowException(
-                    f"{key} ({variable}) must be a {kind.__name__}, got {value!r}.",
-                    error_code=INVALID_PARAMETER_VALUE,
-                ) from None
-        resolved[key] = value
-    return resolved
 
 
 def tune_scoring_server() -> bool:
@@ -350,31 +294,31 @@ def default_thread_count(workers: int, cores: int | None = None) -> int:
     return max(1, cores // (2 * workers))
 
 
-def set_thread_count(config: Mapping[str, Any]) -> None:
+def set_thread_count(settings: ServingSettings) -> None:
     """Apply the ``num_threads`` setting; in a scoring server without one, the default for its
     number of workers."""
-    threads = config["num_threads"]
+    threads = settings.num_threads
     if threads is None and _SERVER_MODEL_PATH in os.environ:
         threads = default_thread_count(server_workers())
     if threads:
         torch.set_num_threads(threads)
 
 
-def serve(fullmodel: FullModel, config: Mapping[str, Any], output_columns: list[str],
+def serve(fullmodel: FullModel, settings: ServingSettings, output_columns: list[str],
           input_types: Mapping[str, str] | None = None) -> ServedModel:
     """The pyfunc wrapper of a loaded model, with micro-batching as configured, the scoring
     server's process tuned last (it freezes what loading created)."""
-    batching = config["batching"]
+    batching = settings.batching
     if batching is None:
         batching = fullmodel.device.type == "cuda"
     batcher = None
     if batching:
-        batcher = MicroBatcher(fullmodel, max_batch_size=config["max_batch_size"] or fullmodel.batch_size,
-                               max_wait_ms=config["max_wait_ms"])
-    if config["tune_server"]:
+        batcher = MicroBatcher(fullmodel, max_batch_size=settings.max_batch_size or fullmodel.batch_size,
+                               max_wait_ms=settings.max_wait_ms)
+    if settings.tune_server:
         tune_scoring_server()
     binary_columns = frozenset(c for c, kind in (input_types or {}).items() if kind == "binary")
-    limits = RequestLimits(config["max_rows"], config["max_text_chars"], config["max_bytes"], config["max_samples"],
+    limits = RequestLimits(settings.max_rows, settings.max_text_chars, settings.max_bytes, settings.max_samples,
                            binary_columns)
-    admission = Admission(config["heavy_samples"], config["max_heavy_requests"] or default_heavy_requests())
-    return ServedModel(fullmodel, batcher, output_columns, limits, config["deadline_s"], admission, input_types)
+    admission = Admission(settings.heavy_samples, settings.max_heavy_requests or default_heavy_requests())
+    return ServedModel(fullmodel, batcher, output_columns, limits, settings.deadline_s, admission, input_types)

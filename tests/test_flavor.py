@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import os
@@ -260,23 +261,23 @@ def test_tune_scoring_server_does_nothing_outside_a_scoring_server(monkeypatch):
 
 class TestServingConfig:
     def test_model_config_wins_over_the_environment_which_wins_over_defaults(self, monkeypatch):
-        from mlflow_fullmodel.serving import serving_config
+        from mlflow_fullmodel.settings import ServingSettings
 
         monkeypatch.setenv("MLFLOW_FULLMODEL_MAX_WAIT_MS", "7.5")
         monkeypatch.setenv("MLFLOW_FULLMODEL_BATCHING", "false")
-        config = serving_config({"max_batch_size": 16, "device": None})
-        assert config == {"device": "cpu", "batching": False, "max_batch_size": 16, "max_wait_ms": 7.5,
-                          "num_threads": None, "tune_server": True, "max_rows": 10_000, "max_text_chars": 100_000,
-                          "max_bytes": 16 * 1024 * 1024, "max_samples": 20_000, "deadline_s": 55.0,
-                          "heavy_samples": 256, "max_heavy_requests": None}
-        assert serving_config({"max_wait_ms": 1})["max_wait_ms"] == 1
+        settings = ServingSettings.resolve({"max_batch_size": 16, "device": None})
+        assert settings == ServingSettings(batching=False, max_batch_size=16, max_wait_ms=7.5)
+        assert dataclasses.asdict(settings) == {
+            "device": "cpu", "batching": False, "max_batch_size": 16, "max_wait_ms": 7.5, "num_threads": None,
+            "tune_server": True, "max_rows": 10_000, "max_text_chars": 100_000, "max_bytes": 16 * 1024 * 1024,
+            "max_samples": 20_000, "deadline_s": 55.0, "heavy_samples": 256, "max_heavy_requests": None}
+        assert ServingSettings.resolve({"max_wait_ms": 1}).max_wait_ms == 1
 
-    def test_a_value_that_does_not_parse_is_an_error_naming_the_variable(self, monkeypatch):
-        from mlflow_fullmodel.serving import serving_config
-
+    def test_a_value_that_does_not_parse_is_an_error_naming_the_variable(self, saved_model, monkeypatch):
         monkeypatch.setenv("MLFLOW_FULLMODEL_MAX_BATCH_SIZE", "lots")
-        with pytest.raises(mlflow.exceptions.MlflowException, match=r"max_batch_size \(MLFLOW_FULLMODEL_MAX_BATCH_SIZE\) must be a int"):
-            serving_config(None)
+        with pytest.raises(mlflow.exceptions.MlflowException,
+                           match=r"max_batch_size \(MLFLOW_FULLMODEL_MAX_BATCH_SIZE\) must be an integer >= 1, got 'lots'"):
+            mlflow.pyfunc.load_model(str(saved_model))
 
     def test_pyfunc_batches_when_asked_and_by_default_only_on_cuda(self, saved_model, text_model):
         batched = mlflow.pyfunc.load_model(str(saved_model), model_config={"batching": True, "max_batch_size": 3})

@@ -17,7 +17,8 @@ from mlflow.exceptions import MlflowException
 from sample_steps import LABELS, Normalize
 
 import mlflow_fullmodel as fm
-from mlflow_fullmodel.serving import serve, serving_config
+from mlflow_fullmodel.serving import serve
+from mlflow_fullmodel.settings import ServingSettings
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
 
 
@@ -50,7 +51,7 @@ def test_a_limit_set_through_the_environment_applies_and_a_bad_value_is_named(sa
     with pytest.raises(MlflowException, match="over the limit max_rows=2"):
         mlflow.pyfunc.load_model(saved_model).predict(pd.DataFrame({"text": ["a", "b", "c"]}))
     monkeypatch.setenv("MLFLOW_FULLMODEL_MAX_ROWS", "many")
-    with pytest.raises(MlflowException, match=r"max_rows \(MLFLOW_FULLMODEL_MAX_ROWS\) must be a int, got 'many'"):
+    with pytest.raises(MlflowException, match=r"max_rows \(MLFLOW_FULLMODEL_MAX_ROWS\) must be an integer >= 1, got 'many'"):
         mlflow.pyfunc.load_model(saved_model)
 
 
@@ -158,7 +159,7 @@ class HoldWaitingTexts(fm.Transform):
 def test_heavy_requests_over_the_bound_are_refused_at_once_and_light_ones_are_still_answered(spm_path, scripted_net):
     model = fm.FullModel(preprocess=[HoldWaitingTexts(), Normalize(), SentencePieceEncode(fm.Artifact(spm_path))],
                          module=scripted_net, postprocess=[TopK(labels=LABELS)])
-    served = serve(model, serving_config({"heavy_samples": 2, "max_heavy_requests": 1, "tune_server": False}),
+    served = serve(model, ServingSettings(heavy_samples=2, max_heavy_requests=1, tune_server=False),
                    ["label", "probability"])
     heavy = pd.DataFrame({"text": ["wait", "a good film", "a dull film"]})
     RELEASE.clear()

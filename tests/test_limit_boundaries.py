@@ -4,13 +4,15 @@ admitted up to their bound and release their slot whatever happens."""
 
 from __future__ import annotations
 
+import dataclasses
 import base64
 
 import pandas as pd
 import pytest
 
 from mlflow_fullmodel.exceptions import InputError
-from mlflow_fullmodel.serving import Admission, RequestLimits, ServerBusy, default_heavy_requests, serving_config
+from mlflow_fullmodel.serving import Admission, RequestLimits, ServerBusy, default_heavy_requests
+from mlflow_fullmodel.settings import ServingSettings
 
 WIDE = {"max_rows": 1000, "max_text_chars": 1000, "max_bytes": 1000, "max_samples": 1000}
 
@@ -146,7 +148,7 @@ def test_the_default_limits(monkeypatch):
                      "MLFLOW_FULLMODEL_MAX_SAMPLES", "MLFLOW_FULLMODEL_HEAVY_SAMPLES",
                      "MLFLOW_FULLMODEL_MAX_HEAVY_REQUESTS", "MLFLOW_FULLMODEL_DEADLINE_S"):
         monkeypatch.delenv(variable, raising=False)
-    config = serving_config(None)
+    config = dataclasses.asdict(ServingSettings.resolve())
     assert {k: config[k] for k in ("max_rows", "max_text_chars", "max_bytes", "max_samples", "heavy_samples",
                                    "max_heavy_requests", "deadline_s")} == {
         "max_rows": 10_000, "max_text_chars": 100_000, "max_bytes": 16 * 1024 * 1024, "max_samples": 20_000,
@@ -156,8 +158,8 @@ def test_the_default_limits(monkeypatch):
 def test_a_limit_from_the_environment_is_parsed_as_its_type(monkeypatch):
     monkeypatch.setenv("MLFLOW_FULLMODEL_MAX_BYTES", " 12 ")
     monkeypatch.setenv("MLFLOW_FULLMODEL_DEADLINE_S", "1.5")
-    config = serving_config({"max_rows": 7})
-    assert (config["max_bytes"], config["deadline_s"], config["max_rows"]) == (12, 1.5, 7)
+    settings = ServingSettings.resolve({"max_rows": 7})
+    assert (settings.max_bytes, settings.deadline_s, settings.max_rows) == (12, 1.5, 7)
 
 
 # -- heavy requests -------------------------------------------------------------------------------
