@@ -175,7 +175,11 @@ class ModuleSet(Mapping[str, Any]):
                     # Exported programs are already in inference form; they have no eval().
                     run = module.module() if isinstance(module, torch.export.ExportedProgram) else module.eval()
                     if not _all_on(run, device):
-                        run = copy.deepcopy(run).to(device)
+                        try:
+                            run = copy.deepcopy(run).to(device)
+                        except Exception as error:  # torch says why in its own words, often an assert
+                            raise DeviceError(f"Module '{name}' ({self.formats[name]}) cannot be moved to {device}: "
+                                              f"{type(error).__name__}: {error}") from error
                     self._runnable[key] = run
         return self._runnable[key]
 

@@ -272,8 +272,7 @@ class FullModel:
                 raise
         except Exception as error:
             if errors is None:
-                name = f"forward {type(self.forward_strategy).__name__}"
-                raise ModelError(f"{name} failed: {brief(error)}", step=name) from error
+                raise self._forward_failure(ids, examples, params, forward_examples, error) from error
         # Find the rows at fault one by one, then answer the others together as if the bad rows had
         # never been sent: a failing row must not change its neighbours' answers.
         kept = []
@@ -286,6 +285,22 @@ class FullModel:
             except Exception as error:
                 errors[row] = f"Row {row}: forward {type(self.forward_strategy).__name__} failed: {brief(error)}"
         return [row for row, _ in kept], forward_examples([e for _, e in kept], params) if kept else []
+
+    def _forward_failure(self, ids: list[int], examples: list[Any], params: Mapping[str, Any],
+                         forward_examples: ForwardExamples, error: Exception) -> ModelError:
+        """The error of a failed forward round, naming the first row that fails on its own (found
+        only now that the round has failed, one row at a time)."""
+        name = f"forward {type(self.forward_strategy).__name__}"
+        if len(examples) > 1:
+            for row, example in zip(ids, examples):
+                try:
+                    forward_examples([example], params)
+                except DeadlineError:
+                    raise
+                except Exception as row_error:
+                    return ModelError(f"Row {row}: {name} failed: {brief(row_error)}", step=name)
+            return ModelError(f"{name} failed on a batch of rows that each pass alone: {brief(error)}", step=name)
+        return ModelError(f"Row {ids[0] if ids else 0}: {name} failed: {brief(error)}", step=name)
 
     def rows(self, data: Any, errors: dict[int, str] | None = None) -> list[Any]:
         """The raw inputs of ``data``, one per row: a value, or a dict when there are several

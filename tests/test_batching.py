@@ -76,7 +76,8 @@ def test_an_error_in_one_request_fails_only_that_request(ids_model):
             outcomes[thread] = error
 
     run_threads(call, 8)
-    assert isinstance(outcomes[3], IndexError) or "index" in str(outcomes[3]).lower()
+    assert isinstance(outcomes[3], fm.ModelError), outcomes[3]
+    assert str(outcomes[3]).startswith("Row 1: forward ScaledCall failed: RuntimeError: index out of range")
     for thread in set(range(8)) - {3}:
         pd.testing.assert_frame_equal(outcomes[thread], expected)
     pd.testing.assert_frame_equal(batcher.predict(good), expected)  # and the batcher still works

@@ -177,7 +177,7 @@ def test_to_gives_a_model_whose_device_copy_leaves_the_original_answering(text_m
     pd.testing.assert_frame_equal(model.predict(EXAMPLE_TEXTS), expected)
     scripted = fm.script(BagOfIds(vocab_size=64, classes=len(LABELS)))
     weights = [p.clone() for p in scripted.parameters()]
-    with pytest.raises(Exception):
+    with pytest.raises(fm.DeviceError, match=r"^Module 'main' \(torchscript\) cannot be moved to meta: "):
         ModuleSet({"main": scripted}).runnable("main", torch.device("meta"))  # TorchScript cannot go to meta
     assert all(p.device.type == "cpu" and torch.equal(p, w) for p, w in zip(scripted.parameters(), weights))
 

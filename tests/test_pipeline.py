@@ -329,7 +329,8 @@ def test_a_row_whose_forward_pass_fails_does_not_change_the_answers_of_its_batch
     assert result["error"][2] == "Row 2: forward CallModule failed: RuntimeError: input longer than this module reads"
     assert result["error"].drop(index=2).isna().all()
     pd.testing.assert_frame_equal(result.drop(index=2).drop(columns="error").reset_index(drop=True), model.predict(short))
-    with pytest.raises(Exception, match="input longer than this module reads"):
+    with pytest.raises(fm.ModelError, match=r"^Row 2: forward CallModule failed: RuntimeError: input longer than "
+                                            r"this module reads"):
         model.predict(rows)
 
 
