@@ -3,6 +3,7 @@ through predict give a valid answer or the documented error, never another excep
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -68,6 +69,18 @@ def test_any_bytes_or_text_to_decode_image_is_an_image_or_an_input_error(data):
     except fm.InputError:
         return
     assert image.mode == "L" and image.size[0] * image.size[1] <= DecodeImage().max_pixels
+
+
+@PROPERTY
+@given(pixels=images, base64_text=st.booleans())
+def test_any_png_file_decodes_to_an_image_of_its_own_size(pixels, base64_text):
+    # Random bytes are almost never an image: the success branch above is checked here.
+    mode = "L" if pixels.ndim == 2 else ("RGB" if pixels.shape[2] == 3 else "RGBA")
+    data = png(pixels, mode)
+    image = DecodeImage(mode="L")(base64.b64encode(data).decode() if base64_text else data)
+    assert image.mode == "L" and image.size == (pixels.shape[1], pixels.shape[0])
+    if mode == "L":
+        assert np.array_equal(np.asarray(image), pixels)
 
 
 @PROPERTY
