@@ -155,15 +155,6 @@ def inspect_command(model_uri: str, as_json: bool) -> None:
         click.echo("   verification: " + ", ".join(f"{k}={v}" for k, v in sorted(facts["verification"].items())))
 
 
-@main.command(name="describe", hidden=True)
-@click.argument("model_uri")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def describe(context: click.Context, model_uri: str, as_json: bool) -> None:
-    """The former name of inspect."""
-    context.invoke(inspect_command, model_uri=model_uri, as_json=as_json)
-
-
 @main.command()
 @click.argument("uri_a")
 @click.argument("uri_b")

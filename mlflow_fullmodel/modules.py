@@ -1,7 +1,7 @@
 """The forward pass: TorchScript modules and ``torch.export`` programs behind one interface.
 
-TorchScript (``torch.jit.script`` / ``torch.jit.trace``) is the primary format; an
-``ExportedProgram`` from ``torch.export`` is its successor in current PyTorch. A plain
+TorchScript (``torch.jit.script`` / ``torch.jit.trace``, deprecated in current PyTorch) and an
+``ExportedProgram`` from ``torch.export`` (its successor) are supported as equals. A plain
 ``nn.Module`` runs as it is in memory and is exported when the model is saved (``export.py``). A
 ``ModuleSet`` holds
 one or several named modules; a forward strategy reaches them by name (``modules["encode"]``) or,

@@ -22,7 +22,7 @@ from mlflow_fullmodel.forward import CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import ModuleSet, resolve_device
 from mlflow_fullmodel.transform import Configurable, Param, Transform
 
-__all__ = ["ERROR_COLUMN", "ON_ERROR", "FullModel", "answer_records", "apply_step", "records_frame"]
+__all__ = ["ERROR_COLUMN", "ON_ERROR", "FullModel", "answer_records", "apply_step", "brief", "records_frame"]
 
 _CPU = torch.device("cpu")
 

@@ -37,8 +37,8 @@ from mlflow_fullmodel.schema import check_column_types
 from mlflow_fullmodel.settings import ServingSettings, variable_of
 from mlflow_fullmodel.spark import in_spark_task, without_row_numbers
 
-__all__ = ["RequestLimits", "ServedModel", "ServingError", "default_thread_count", "serve", "set_thread_count",
-           "tune_scoring_server"]
+__all__ = ["Admission", "RequestLimits", "ServedModel", "ServerBusy", "ServingError", "default_thread_count", "serve",
+           "set_thread_count", "tune_scoring_server"]
 
 _logger = logging.getLogger(__name__)
 

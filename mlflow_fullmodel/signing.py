@@ -1,7 +1,8 @@
 """Signing a model folder with a key, and checking the signature, through OpenSSF ``model-signing``.
 
 The signature (``model.sig``, a Sigstore bundle) covers every file of the MLflow model, manifest
-included, except the files MLflow adds after saving. It is made with an elliptic-curve private key
+included, except the files MLflow adds after saving (``environment_variables.txt`` is signed: it
+says what the model reads from its environment). It is made with an elliptic-curve private key
 (PEM) and checked with its public key, with no network. Install with
 ``pip install mlflow-fullmodel[signing]``.
 """

@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import math
 import os
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, ClassVar
 
 from mlflow_fullmodel.exceptions import ConfigError, IntegrityError, ParamError
@@ -404,10 +404,3 @@ def transform(function: Callable[..., Any]) -> type[Transform]:
         "function": staticmethod(function),
     }
     return type(function.__name__, (FunctionTransform,), namespace)
-
-
-def iter_params(steps: list[tuple[str, Configurable]]) -> Iterator[tuple[str, str, Param]]:
-    """Yield ``(stage label, name, Param)`` for every runtime parameter of ``steps``."""
-    for label, step in steps:
-        for name, param in step.params().items():
-            yield label, name, param

@@ -1,4 +1,5 @@
-"""Verifying a model with the installed mlflow_fullmodel, never with the model's own runtime.
+"""Verifying a model: its files and signature with the installed mlflow_fullmodel, its answers
+with the runtime embedded in it (as a scoring server will load it).
 
 ``verify_model`` downloads the model and checks, in order: every file against the digest recorded
 in the tracking store (what an attacker of the artifact store cannot rewrite), every file against

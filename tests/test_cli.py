@@ -43,12 +43,6 @@ def test_verify_fails_on_a_tampered_file_naming_it(tmp_path, model_path):
     assert "Traceback" not in result.output
 
 
-def test_describe_is_kept_as_the_former_name_of_inspect(model_path):
-    result = CliRunner().invoke(main, ["describe", str(model_path)])
-    assert result.exit_code == 0, result.output
-    assert "preprocess[0]: sample_steps:Normalize()" in result.output
-
-
 def test_a_uri_that_does_not_resolve_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "nothing")])
     assert result.exit_code == 1

@@ -44,7 +44,8 @@ from mlflow_fullmodel.storage.imports import import_steps
 from mlflow_fullmodel.storage.integrity import Manifest, confined_path, read_verified, verify_manifest, write_manifest
 from mlflow_fullmodel.transform import Artifact, Configurable, Param, Transform
 
-__all__ = ["FORMAT_VERSION", "SPEC_FILE", "GOLDEN_FILE", "Golden", "load_fullmodel", "read_spec", "save_fullmodel"]
+__all__ = ["FORMAT_VERSION", "GOLDEN_FILE", "SPEC_FILE", "Golden", "encode_value", "load_fullmodel", "make_golden",
+           "other_value", "read_spec", "save_fullmodel", "step_specs"]
 
 FORMAT_VERSION = 2
 SPEC_FILE = "fullmodel.json"

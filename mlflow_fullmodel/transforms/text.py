@@ -62,7 +62,8 @@ class SentencePieceEncode(Transform):
                 "wrap the path: Artifact('spm.model')."
             )
         if not isinstance(max_length, int) or max_length < 1 + add_bos + add_eos:
-            raise ValueError(f"SentencePieceEncode: max_length must be an int >= 1, got {max_length!r}.")
+            raise ValueError(f"SentencePieceEncode: max_length must be an int >= {1 + add_bos + add_eos} (one token "
+                             f"besides the BOS/EOS ids it adds), got {max_length!r}.")
 
     @cached_property
     def _processor(self) -> Any:
