@@ -17,6 +17,7 @@ import click
 import mlflow_fullmodel
 from mlflow_fullmodel.env_cache import ENV_CACHE_VARIABLE, CachedEnv
 from mlflow_fullmodel.exceptions import FullModelError
+from mlflow_fullmodel.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
 
 
 @contextmanager
@@ -73,8 +74,8 @@ def verify(model_uri: str, public_key: str | None, fresh_env: bool, allow_builds
 @click.option("--port", "-p", default=5000, show_default=True, type=int)
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
               help="Serve only a model signed with the private half of this PEM public key.")
-@click.option("--max-body-bytes", default=64 * 1024 * 1024, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-json-depth", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-body-bytes", default=DEFAULT_MAX_BODY_BYTES, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-json-depth", default=DEFAULT_MAX_JSON_DEPTH, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", "-w", default=1, show_default=True, type=click.IntRange(min=1),
               help="Worker processes, each with its own copy of the model (as mlflow models serve -w).")
 def serve_command(model_uri: str, host: str, port: int, public_key: str | None, max_body_bytes: int,

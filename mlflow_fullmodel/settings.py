@@ -19,7 +19,11 @@ from typing import Any
 
 from mlflow_fullmodel.exceptions import ConfigError
 
-__all__ = ["ServingSettings", "variable_of"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_JSON_DEPTH", "ServingSettings", "variable_of"]
+
+#: What ``mlflow-fullmodel serve`` reads of a request at most, before MLflow sees it (hardened.Guard).
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_JSON_DEPTH = 32
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
