@@ -59,3 +59,40 @@ def test_a_process_that_left_its_group_and_lost_its_parent_is_still_found():
     while any(pid == orphans[0] for pid, _ in leftover_processes()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(pid != orphans[0] for pid, _ in leftover_processes())
+
+
+INNER_TEST = '''
+import os, sys, time
+from servers import start
+
+def test_holds_a_server_until_stopped():
+    process = start([sys.executable, "-c", "import time; time.sleep(600)"], dict(os.environ))
+    with open(os.environ["SERVER_PID_FILE"], "w") as f:
+        f.write(str(process.pid))
+    time.sleep(600)
+'''
+
+
+def test_a_test_run_stopped_with_sigterm_stops_the_servers_it_started(tmp_path):
+    (tmp_path / "test_inner.py").write_text(INNER_TEST)
+    pid_file = tmp_path / "server.pid"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, SERVER_PID_FILE=str(pid_file), PYTHONPATH=tests)
+    # This suite's conftest as a plugin: its SIGTERM handling and its end-of-session check.
+    run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                            "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_inner.py")],
+                           env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            assert run.poll() is None, run.stdout.read()
+            time.sleep(0.2)
+        server = int(pid_file.read_text())
+        run.send_signal(15)
+        output, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert "KeyboardInterrupt" in output, output
+    assert not os.path.exists(f"/proc/{server}") or open(f"/proc/{server}/stat").read().split()[2] == "Z"
