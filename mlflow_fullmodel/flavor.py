@@ -41,30 +41,28 @@ from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelInputExample, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.models.utils import _save_example
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
-from mlflow.types.utils import _infer_schema
-from mlflow.utils.environment import (
-    _CONDA_ENV_FILE_NAME,
-    _CONSTRAINTS_FILE_NAME,
-    _PYTHON_ENV_FILE_NAME,
-    _REQUIREMENTS_FILE_NAME,
-    _process_conda_env,
-    _process_pip_requirements,
-    _PythonEnv,
-    _validate_env_arguments,
-)
-from mlflow.utils.file_utils import write_to
-from mlflow.utils.model_utils import (
-    _get_flavor_configuration,
-    _validate_and_copy_code_paths,
-    _validate_and_prepare_target_save_path,
-)
 
 import mlflow_fullmodel
+from mlflow_fullmodel._mlflow import (
+    CONDA_ENV_FILE,
+    CONSTRAINTS_FILE,
+    DEFAULT_AWAIT_REGISTRATION_S,
+    PYTHON_ENV_FILE,
+    REQUIREMENTS_FILE,
+    PythonEnv,
+    copy_code_paths,
+    download_artifacts,
+    get_flavor_configuration,
+    infer_schema,
+    prepare_save_path,
+    process_conda_env,
+    process_pip_requirements,
+    save_input_example,
+    validate_env_arguments,
+    write_text,
+)
 from mlflow_fullmodel.card import CARD_FILE, PIPELINE_FILE, render_card, render_pipeline, summary
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, ModelFormatError
 from mlflow_fullmodel.export import export_eager_modules
@@ -160,7 +158,7 @@ def save_model(
 
         fm.save_model(model, "reviews_model", input_example=["What a film!", "Dull."])
     """
-    _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+    validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     if not isinstance(fullmodel, FullModel):
         raise TypeError(f"save_model expects a FullModel, got {type(fullmodel).__name__}.")
     rows, example_params = _split_example(fullmodel, input_example)
@@ -179,7 +177,7 @@ def save_model(
         # Outputs of the module as given are the golden ones: the parity check compares the program.
         fullmodel = export_eager_modules(fullmodel, rows, example_params)
 
-    _validate_and_prepare_target_save_path(path)
+    prepare_save_path(path)
     try:
         _write_model(
             fullmodel, path, golden, conda_env, code_paths, mlflow_model, signature,
@@ -212,7 +210,7 @@ def _write_model(
     metadata: dict[str, Any] | None,
 ) -> None:
     spec = save_fullmodel(fullmodel, os.path.join(path, _DATA_SUBPATH), golden, manifest=False)
-    _validate_and_copy_code_paths(code_paths, path)
+    copy_code_paths(code_paths, path)
     _embed_runtime(os.path.join(path, _CODE_SUBPATH))
 
     mlflow_model = mlflow_model if mlflow_model is not None else Model()
@@ -222,7 +220,7 @@ def _write_model(
             # MLflow compares the example's column names with a range, which pandas 3 deprecates:
             # a warning about MLflow's internals that nobody saving a model can act on.
             warnings.filterwarnings("ignore", message="Operation with range is deprecated")
-            _save_example(mlflow_model, (example, golden.params) if golden.params else example, path)
+            save_input_example(mlflow_model, (example, golden.params) if golden.params else example, path)
     if signature is None and golden is not None:
         signature = _infer_signature(fullmodel, golden)
     if signature:
@@ -237,8 +235,8 @@ def _write_model(
         loader_module=__name__,
         data=_DATA_SUBPATH,
         code=_CODE_SUBPATH,
-        conda_env=_CONDA_ENV_FILE_NAME,
-        python_env=_PYTHON_ENV_FILE_NAME,
+        conda_env=CONDA_ENV_FILE,
+        python_env=PYTHON_ENV_FILE,
         # Declared so that MLflow passes load-time overrides through (it drops unknown keys);
         # None means: the MLFLOW_FULLMODEL_* environment variable, else the default.
         model_config=dict.fromkeys(ServingSettings.names()),
@@ -258,20 +256,20 @@ def _write_model(
         if pip_requirements is None:
             step_requirements = [r if "==" in r else _pinned(r) for r in spec["requirements"]]
             defaults = sorted(set(get_default_pip_requirements()) | set(step_requirements))
-        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
+        conda_env, pip_requirements, pip_constraints = process_pip_requirements(
             defaults, pip_requirements, extra_pip_requirements
         )
     else:
-        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
-    with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
+        conda_env, pip_requirements, pip_constraints = process_conda_env(conda_env)
+    with open(os.path.join(path, CONDA_ENV_FILE), "w") as f:
         yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
     if pip_constraints:
-        write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
-    write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
-    _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+        write_text(os.path.join(path, CONSTRAINTS_FILE), "\n".join(pip_constraints))
+    write_text(os.path.join(path, REQUIREMENTS_FILE), "\n".join(pip_requirements))
+    PythonEnv.current().to_yaml(os.path.join(path, PYTHON_ENV_FILE))
     facts = describe_model(path, _DATA_SUBPATH)
-    write_to(os.path.join(path, CARD_FILE), render_card(facts))
-    write_to(os.path.join(path, PIPELINE_FILE), render_pipeline(facts))
+    write_text(os.path.join(path, CARD_FILE), render_card(facts))
+    write_text(os.path.join(path, PIPELINE_FILE), render_pipeline(facts))
     manifest = write_manifest(path)  # last: it covers every file above
     saved = _SAVED.get()
     if saved is not None:
@@ -302,7 +300,7 @@ def flavor_configuration(model_path: str) -> dict[str, Any]:
         IntegrityError: Its folders are not inside the model.
     """
     try:
-        flavor = _get_flavor_configuration(model_path, FLAVOR_NAME)
+        flavor = get_flavor_configuration(model_path, FLAVOR_NAME)
     except MlflowException as error:
         raise ModelFormatError(f"{model_path} is not a fullmodel MLflow model: {error.message}") from None
     version = flavor.get("format_version")
@@ -355,7 +353,7 @@ def _infer_signature(fullmodel: FullModel, golden: Any) -> ModelSignature:
                 f"one of {[t.__name__ for t in _SCHEMA_TYPES]}, or pass signature= explicitly."
             )
         columns.append(ColSpec(_SCHEMA_TYPES[kind], column))
-    inputs, outputs = Schema(columns), _infer_schema(golden.outputs)
+    inputs, outputs = Schema(columns), infer_schema(golden.outputs)
     if fullmodel.params:
         return ModelSignature(inputs, outputs, _param_schema(fullmodel))
     return ModelSignature(inputs, outputs)
@@ -375,7 +373,7 @@ def log_model(
     registered_model_name: str | None = None,
     signature: ModelSignature | Literal[False] | None = None,
     input_example: ModelInputExample | None = None,
-    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+    await_registration_for: int = DEFAULT_AWAIT_REGISTRATION_S,
     pip_requirements: list[str] | str | None = None,
     extra_pip_requirements: list[str] | str | None = None,
     metadata: dict[str, Any] | None = None,
@@ -469,7 +467,7 @@ def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu")
         model = fm.load_model("models:/reviews@champion")
         model.predict(["What a film!"], params={"k": 2})
     """
-    return _load_checked(_download_artifact_from_uri(model_uri, output_path=dst_path), device)
+    return _load_checked(download_artifacts(model_uri, output_path=dst_path), device)
 
 
 def _load_checked(model_path: str, device: str) -> FullModel:

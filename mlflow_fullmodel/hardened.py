@@ -22,6 +22,9 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
+from mlflow_fullmodel._mlflow import PREDICT_ECHO, SCHEMA_ECHO
+from mlflow_fullmodel.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
+
 __all__ = ["Guard", "json_depth", "request_values", "sanitized", "scrubbed", "serve_verified"]
 
 _logger = logging.getLogger(__name__)
@@ -31,16 +34,8 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_JSON_DEPTH = 32
 _MAX_MESSAGE_CHARS = 2000
 
-# MLflow's scoring server prefixes messages with "Failed to predict data '<the request>'. \nError: ".
-_ECHO = re.compile(r"^Failed to predict data .*?\nError: ", re.DOTALL)
-# ... and its schema check with "Failed to enforce schema of data '<the request's frame>' with schema
-# '<the signature>'. Error: " (greedy: the frame may hold the same words).
-_SCHEMA_ECHO = re.compile(r"^Failed to enforce schema of data '.*' with schema '(?P<schema>.*?)'\. ?Error: ",
-                          re.DOTALL)
 _PATH = re.compile(r"(?<![\w:])(?:/[\w.@+-]+){2,}/?")
 #: Request values shorter than this are not searched for in error messages: they would match
 #: ordinary words of the message itself.
@@ -101,8 +96,8 @@ def json_depth(body: bytes, chunk_bytes: int = 1 << 20) -> int:
 
 def sanitized(message: str) -> str:
     """An error message without MLflow's echo of the request, without file paths, of bounded size."""
-    message = _ECHO.sub("", message)
-    message = _SCHEMA_ECHO.sub(lambda m: f"The request does not match the model's input schema {m['schema']}: ", message)
+    message = PREDICT_ECHO.sub("", message)  # MLflow's echo of the request (_mlflow)
+    message = SCHEMA_ECHO.sub(lambda m: f"The request does not match the model's input schema {m['schema']}: ", message)
     message = _PATH.sub("<path>", message)
     return message if len(message) <= _MAX_MESSAGE_CHARS else message[:_MAX_MESSAGE_CHARS] + "... (cut)"
 
@@ -354,13 +349,13 @@ def serve_verified(model_path: str, host: str, port: int, max_body_bytes: int = 
     scoring app, as ``mlflow models serve`` runs it, behind ``Guard``, in ``workers`` processes
     (each loads the model)."""
     import uvicorn
-    from mlflow.pyfunc import scoring_server
 
+    from mlflow_fullmodel._mlflow import SERVER_MODEL_PATH_VARIABLE
     from mlflow_fullmodel.serving import default_thread_count
     from mlflow_fullmodel.settings import variable_of
 
     # As under `mlflow models serve`: the model sees that it is in a scoring server (threads, tuning).
-    os.environ[scoring_server._SERVER_MODEL_PATH] = model_path
+    os.environ[SERVER_MODEL_PATH_VARIABLE] = model_path
     # The workers share the cores: each takes its part unless the user set the threads.
     os.environ.setdefault(variable_of("num_threads"), str(default_thread_count(workers)))
     os.environ[_SETTINGS_VARIABLE] = json.dumps({"model_path": model_path, "max_body_bytes": max_body_bytes,
@@ -372,14 +367,13 @@ def serve_verified(model_path: str, host: str, port: int, max_body_bytes: int = 
 def guarded_app() -> Guard:
     """The ASGI app of one worker of ``serve_verified``: the model loaded as MLflow's scoring server
     loads it, its app behind ``Guard``."""
-    from mlflow.pyfunc import scoring_server
-
+    from mlflow_fullmodel._mlflow import load_served_model, scoring_app
     from mlflow_fullmodel.exceptions import ParityError
     from mlflow_fullmodel.flavor import flavor_configuration
     from mlflow_fullmodel.parity import golden_problems
 
     settings = json.loads(os.environ[_SETTINGS_VARIABLE])
-    model = scoring_server.load_model_with_mlflow_config(settings["model_path"])
+    model = load_served_model(settings["model_path"])
     # verify_model checked parity with the runtime embedded in the model; this process serves with
     # the installed one: it must answer the golden example alike before it answers anyone.
     folder = os.path.join(settings["model_path"], flavor_configuration(settings["model_path"])["data"])
@@ -393,5 +387,5 @@ def guarded_app() -> Guard:
     params = [spec.name for spec in schema.params] if schema is not None else []
     inputs = model.metadata.get_input_schema()
     columns = [str(name) for name in inputs.input_names()] if inputs is not None and inputs.has_input_names() else []
-    return Guard(scoring_server.init(model), params, settings["max_body_bytes"], settings["max_json_depth"],
+    return Guard(scoring_app(model), params, settings["max_body_bytes"], settings["max_json_depth"],
                  names=columns)

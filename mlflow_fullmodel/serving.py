@@ -22,7 +22,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
     DEADLINE_EXCEEDED,
     INTERNAL_ERROR,
@@ -30,6 +29,12 @@ from mlflow.protos.databricks_pb2 import (
     TEMPORARILY_UNAVAILABLE,
 )
 
+from mlflow_fullmodel._mlflow import (
+    SERVER_MODEL_PATH_VARIABLE,
+    SERVING_ENVIRONMENT_VARIABLE,
+    UnrewrittenMessage,
+    scoring_server_threads,
+)
 from mlflow_fullmodel.batching import MicroBatcher
 from mlflow_fullmodel.exceptions import DeadlineError, FullModelError, InputError, ModelError, ParamError
 from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, brief, records_frame
@@ -42,32 +47,15 @@ __all__ = ["Admission", "RequestLimits", "ServedModel", "ServerBusy", "ServingEr
 
 _logger = logging.getLogger(__name__)
 
-# Set by MLflow's scoring server in its process: the model path before loading, the flag before
-# serving requests.
-_SERVER_MODEL_PATH = "__pyfunc_model_path__"
-_SERVING_ENVIRONMENT = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 
-
-class ServingError(MlflowException):
+class ServingError(UnrewrittenMessage):
     """The error a request gets: HTTP 400 for the request's fault, 500 for the model's, with a JSON
     body holding this message and nothing else.
 
     MLflow's scoring server rewrites an MlflowException's message to start with the whole request
     (``Failed to predict data '...'``), which echoes any body back, however large; this message
-    cannot be rewritten.
+    cannot be rewritten (``_mlflow.UnrewrittenMessage``).
     """
-
-    def __init__(self, message: str, error_code: int) -> None:
-        super().__init__(message, error_code=error_code)
-        self._kept_message = message
-
-    @property
-    def message(self) -> str:
-        return self.__dict__.get("_kept_message", "")
-
-    @message.setter
-    def message(self, value: str) -> None:
-        pass  # keep ours
 
 
 @dataclass(frozen=True)
@@ -158,7 +146,7 @@ class Admission:
 
 def default_heavy_requests(cores: int | None = None) -> int:
     """All of the scoring server's request threads (cores + 4, at most 32) but two, at least one."""
-    return max(1, min(32, (cores or os.cpu_count() or 1) + 4) - 2)
+    return max(1, scoring_server_threads(cores or os.cpu_count() or 1) - 2)
 
 
 def _check_unicode(text: str, row: int, column: str) -> None:
@@ -225,7 +213,7 @@ class ServedModel:
             records = without_row_numbers(records)
         # The scoring server turns a DataFrame into exactly these records again; hand them over
         # as they are (the same JSON), and build a DataFrame only for Python callers.
-        if os.environ.get(_SERVING_ENVIRONMENT) == "true":
+        if os.environ.get(SERVING_ENVIRONMENT_VARIABLE) == "true":
             return records
         return records_frame(records)
 
@@ -259,7 +247,7 @@ def tune_scoring_server() -> bool:
         >>> mlflow_fullmodel.tune_scoring_server()      # outside a scoring server: nothing to tune
         False
     """
-    if _SERVER_MODEL_PATH not in os.environ:
+    if SERVER_MODEL_PATH_VARIABLE not in os.environ:
         return False
     try:
         pd.set_option("mode.string_storage", "python")
@@ -298,7 +286,7 @@ def set_thread_count(settings: ServingSettings) -> None:
     """Apply the ``num_threads`` setting; in a scoring server without one, the default for its
     number of workers."""
     threads = settings.num_threads
-    if threads is None and _SERVER_MODEL_PATH in os.environ:
+    if threads is None and SERVER_MODEL_PATH_VARIABLE in os.environ:
         threads = default_thread_count(server_workers())
     if threads:
         torch.set_num_threads(threads)

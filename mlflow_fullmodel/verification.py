@@ -18,8 +18,8 @@ import tempfile
 from dataclasses import dataclass, field
 
 from mlflow.exceptions import MlflowException
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
+from mlflow_fullmodel._mlflow import download_artifacts, store_beside_model
 from mlflow_fullmodel.exceptions import FullModelError, IntegrityError, ModelFormatError
 from mlflow_fullmodel.flavor import check_parity_of, flavor_configuration
 from mlflow_fullmodel.fresh_env import check_parity_in_fresh_env
@@ -50,7 +50,7 @@ def download_model(model_uri: str, dst_path: str | None = None) -> str:
         ModelFormatError: The URI does not resolve to a model MLflow can download.
     """
     try:
-        return _download_artifact_from_uri(model_uri, output_path=dst_path)
+        return download_artifacts(model_uri, output_path=dst_path)
     except (MlflowException, OSError) as error:
         message = error.message if isinstance(error, MlflowException) else str(error)
         raise ModelFormatError(f"Cannot download {model_uri}: {message}") from None
@@ -175,13 +175,5 @@ def sign_model(model_uri: str, private_key: str, password: str | None = None) ->
     signature = sign_folder(path, private_key, password)
     if local:
         return signature
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
-
-    location = model_uri
-    while location.startswith(("models:/", "runs:/")):
-        repository = ModelsArtifactRepository if location.startswith("models:/") else RunsArtifactRepository
-        location = repository.get_underlying_uri(location)
-    get_artifact_repository(location).log_artifact(signature)
+    location = store_beside_model(model_uri, signature)
     return f"{location.rstrip('/')}/{SIGNATURE_FILE}"
