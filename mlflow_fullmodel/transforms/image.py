@@ -22,6 +22,7 @@ import hashlib
 import io
 import math
 import re
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -30,6 +31,7 @@ import torch
 
 from mlflow_fullmodel.exceptions import ConfigError, InputError, ParamError
 from mlflow_fullmodel.transform import Param, Transform
+from mlflow_fullmodel.transforms._optional import require
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -95,6 +97,7 @@ class DecodeImage(Transform):
             raise ConfigError(f"DecodeImage: mode must be one of {list(IMAGE_MODES)}, got {mode!r}.")
         if not _is_int(max_pixels) or max_pixels < 1:
             raise ConfigError(f"DecodeImage: max_pixels must be a positive int, got {max_pixels!r}.")
+        require("DecodeImage", "PIL", "pillow", "images")
 
     def __call__(self, data: bytes | str) -> PILImage.Image:
         from PIL import Image, UnidentifiedImageError
@@ -236,6 +239,7 @@ class Resize(Transform):
             raise ConfigError(
                 f"Resize: interpolation must be one of {list(_INTERPOLATIONS)}, got {interpolation!r}."
             )
+        require("Resize", "PIL", "pillow", "images")
 
     def __call__(self, image: PILImage.Image) -> PILImage.Image:
         from PIL import Image
@@ -393,6 +397,9 @@ class ToTensor(Transform):
 
     requirements = ("pillow",)
 
+    def __init__(self) -> None:
+        require("ToTensor", "PIL", "pillow", "images")
+
     def __call__(self, image: PILImage.Image) -> torch.Tensor:
         _check_pil("ToTensor", image)
         if image.mode not in IMAGE_MODES:
@@ -490,9 +497,9 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _check_pil(owner: str, image: Any) -> None:
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
+    # A PIL image exists only once PIL.Image is imported: without it (or without Pillow) no value is one.
+    image_module = sys.modules.get("PIL.Image")
+    if image_module is None or not isinstance(image, image_module.Image):
         raise InputError(f"{owner} takes a PIL image, got {type(image).__name__}; decode it with DecodeImage() first.")
 
 

@@ -11,6 +11,7 @@ import torch
 
 from mlflow_fullmodel.exceptions import ConfigError, InputError
 from mlflow_fullmodel.transform import Artifact, Transform
+from mlflow_fullmodel.transforms._optional import require
 
 #: From this many rows on, one batch call into the encoder pays for its set-up (a thread pool).
 _BATCH_ENCODE_ROWS = 8
@@ -64,6 +65,7 @@ class SentencePieceEncode(Transform):
         if not isinstance(max_length, int) or max_length < 1 + add_bos + add_eos:
             raise ValueError(f"SentencePieceEncode: max_length must be an int >= {1 + add_bos + add_eos} (one token "
                              f"besides the BOS/EOS ids it adds), got {max_length!r}.")
+        require("SentencePieceEncode", "sentencepiece", "sentencepiece", "sentencepiece")
 
     @cached_property
     def _processor(self) -> Any:
@@ -160,6 +162,7 @@ class SentencePieceDecode(Transform):
                 "SentencePieceDecode: column must be a non-empty name other than 'candidates' and "
                 f"'scores' (the other output columns), got {column!r}."
             )
+        require("SentencePieceDecode", "sentencepiece", "sentencepiece", "sentencepiece")
 
     @cached_property
     def _processor(self) -> Any:
