@@ -13,7 +13,13 @@ TV_BIN := $(TV_VENV)/bin
 # (on aarch64 the CPU pair 2.9.1 / 0.24.1; elsewhere 2.14.1 / 0.29.1, a CUDA build, run on the CPU)
 TV_TORCH ?= $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
-.PHONY: setup setup-torchvision demo typecheck test test-fast test-busy test-torchvision dist bench clean
+# The oldest MLflow of the supported range (setup.cfg's mlflow>=3.9,<3.18); the newest is the main
+# .venv's (requirements-dev.txt). The fast tests run against both.
+MLFLOW_OLDEST ?= 3.9
+OLD_VENV ?= .venv-mlflow-oldest
+OLD_BIN := $(OLD_VENV)/bin
+
+.PHONY: setup setup-torchvision setup-mlflow-oldest demo typecheck test test-fast test-busy test-torchvision test-mlflow-oldest dist bench clean
 
 $(BIN)/.installed: requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +40,16 @@ $(TV_BIN)/.installed: requirements-dev.txt setup.cfg
 
 setup-torchvision: $(TV_BIN)/.installed
 
+# Not editable: the checkout's own .venv keeps its editable install. Reinstalled when the package changes.
+$(OLD_BIN)/.installed: setup.cfg $(shell find mlflow_fullmodel -name '*.py')
+	$(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_BIN)/pip install --quiet --upgrade pip
+	$(OLD_BIN)/pip install --quiet torch==2.13.0
+	$(OLD_BIN)/pip install --quiet "mlflow==$(MLFLOW_OLDEST).*" ".[dev,examples,signing]"
+	touch $@
+
+setup-mlflow-oldest: $(OLD_BIN)/.installed
+
 demo: setup  ## train, log, register and serve the examples; send a request; print the answer
 	$(BIN)/python example_projects/demo.py
 
@@ -43,7 +59,11 @@ typecheck: setup  ## mypy over the package (configured in setup.cfg)
 # The torchvision environment (about 7 GB) is built only once the main suite has passed.
 test: setup typecheck  ## type check, then the whole test suite, end-to-end tests included
 	$(BIN)/python -m pytest
+	$(MAKE) test-mlflow-oldest
 	$(MAKE) test-torchvision
+
+test-mlflow-oldest: setup-mlflow-oldest  ## the fast tests with the oldest supported MLflow
+	PATH="$(abspath $(OLD_BIN)):$$PATH" $(OLD_BIN)/python -m pytest -m "not slow"
 
 test-torchvision: setup-torchvision  ## the image example with torchvision pre-processing
 	MLFLOW_FULLMODEL_REQUIRE_TORCHVISION=1 PATH="$(abspath $(TV_BIN)):$$PATH" $(TV_BIN)/python -m pytest tests/test_example_image_torchvision.py
@@ -62,4 +82,4 @@ bench: setup
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(TV_VENV) mlruns mlflow.db .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) $(TV_VENV) $(OLD_VENV) mlruns mlflow.db .pytest_cache build dist *.egg-info
