@@ -77,12 +77,14 @@ def test_sentencepiece_encode_needs_room_for_one_token_besides_bos_and_eos(spm_p
     artifact = fm.Artifact(spm_path)
     step = SentencePieceEncode(artifact, max_length=smallest, add_bos=add_bos, add_eos=add_eos)
     assert len(step(TEXT)) == smallest
-    with pytest.raises(ValueError, match=rf"max_length must be an int >= 1, got {smallest - 1}"):
+    with pytest.raises(ValueError, match=rf"max_length must be an int >= {smallest} \(one token besides the BOS/EOS ids "
+                                         rf"it adds\), got {smallest - 1}\.$"):
         SentencePieceEncode(artifact, max_length=smallest - 1, add_bos=add_bos, add_eos=add_eos)
 
 
 def test_sentencepiece_encode_refuses_a_max_length_that_is_not_an_int(spm_path):
-    with pytest.raises(ValueError, match=r"max_length must be an int >= 1, got 4.0"):
+    with pytest.raises(ValueError, match=r"max_length must be an int >= 1 \(one token besides the BOS/EOS ids it adds\), "
+                                         r"got 4\.0\.$"):
         SentencePieceEncode(fm.Artifact(spm_path), max_length=4.0)  # type: ignore[arg-type]
 
 
