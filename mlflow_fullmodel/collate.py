@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlflow_fullmodel._checks import is_int, is_number
 from mlflow_fullmodel.exceptions import InputError
 from mlflow_fullmodel.transform import Configurable
 
@@ -94,13 +95,13 @@ class PadCollate(Collate):
             raise ValueError(f"PadCollate: pad_side must be 'right' or 'left', got {pad_side!r}.")
         if pad_values is not None and not (
             isinstance(pad_values, dict)
-            and all(isinstance(k, str) and _is_number(v) for k, v in pad_values.items())
+            and all(isinstance(k, str) and is_number(v) for k, v in pad_values.items())
         ):
             raise ValueError(
                 "PadCollate: pad_values must be a dict of key names to numbers, e.g. "
                 f"{{'attention_mask': 0}}, got {pad_values!r}."
             )
-        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+        if length is not None and (not is_int(length) or length < 1):
             raise ValueError(f"PadCollate: length must be None or an int >= 1, got {length!r}.")
 
     def __call__(self, examples: Sequence[Any]) -> Batch:
@@ -193,10 +194,6 @@ class PadCollate(Collate):
         if not lengths:
             lengths.append(sizes)
         return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_number_list(value: Any) -> bool:

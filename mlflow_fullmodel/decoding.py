@@ -32,11 +32,12 @@ from typing import Any
 
 import torch
 
+from mlflow_fullmodel._checks import is_int, is_number
 from mlflow_fullmodel.collate import Batch
 from mlflow_fullmodel.exceptions import ConfigError, ParamError
 from mlflow_fullmodel.forward import ForwardStrategy
 from mlflow_fullmodel.modules import TORCHSCRIPT, ModuleSet
-from mlflow_fullmodel.transform import Configurable, Param
+from mlflow_fullmodel.transform import Configurable, Param, param_default, param_value
 
 __all__ = ["BeamSearch", "Candidate", "GreedySearch"]
 
@@ -71,7 +72,7 @@ class _Decoding(ForwardStrategy):
         name = type(self).__name__
         for argument in ("bos_id", "eos_id", "pad_id"):
             value = getattr(self, argument)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ConfigError(f"{name}: {argument} must be a token id (an int >= 0), got {value!r}.")
         if self.eos_id == self.pad_id:
             raise ConfigError(
@@ -89,14 +90,13 @@ class _Decoding(ForwardStrategy):
 
     def _value(self, name: str, params: Mapping[str, Any]) -> Any:
         """The value of argument ``name`` for this call: the request's, else the saved one."""
-        configured = getattr(self, name)
-        return params.get(name, configured.default if isinstance(configured, Param) else configured)
+        return param_value(getattr(self, name), params, name)
 
     def _count(self, name: str, params: Mapping[str, Any]) -> int:
         value = self._value(name, params)
         # Param(minimum=1) already refuses these in FullModel.predict; a Param saved without bounds,
         # or a direct call, still gets a message naming the parameter instead of an odd failure.
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ParamError(f"Parameter '{name}' must be an int >= 1, got {value!r}.")
         return value
 
@@ -254,13 +254,13 @@ class BeamSearch(_Decoding):
                 f"{name}: n_best ({n_best_default}) must be at most beam_size ({beam_default}): the "
                 "search finds beam_size candidates."
             )
-        penalty = length_penalty.default if isinstance(length_penalty, Param) else length_penalty
+        penalty = param_default(length_penalty)
         if isinstance(length_penalty, Param) and not isinstance(penalty, float):
             raise ConfigError(
                 f"{name}: length_penalty=Param({penalty!r}) would only accept {type(penalty).__name__} "
                 f"values; give a float default, e.g. Param({float(penalty) if isinstance(penalty, int) else 1.0})."
             )
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)):
+        if not is_number(penalty):
             raise ConfigError(f"{name}: length_penalty must be a number, got {penalty!r}.")
 
     def __call__(
@@ -341,8 +341,8 @@ class BeamSearch(_Decoding):
 
 def _check_count_default(name: str, argument: str, value: Any) -> int:
     """The default of a count argument (its value, or its Param's default), checked to be >= 1."""
-    default = value.default if isinstance(value, Param) else value
-    if not isinstance(default, int) or isinstance(default, bool) or default < 1:
+    default = param_default(value)
+    if not is_int(default) or default < 1:
         raise ConfigError(f"{name}: {argument} must be an int >= 1 (or a Param of one), got {default!r}.")
     return default
 

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, ClassVar
 
+from mlflow_fullmodel._checks import is_int, is_number
 from mlflow_fullmodel.exceptions import ConfigError, IntegrityError, ParamError
 
 __all__ = ["Artifact", "Configurable", "Param", "Transform", "transform"]
@@ -158,6 +159,17 @@ class Param:
     __hash__ = None  # type: ignore[assignment]  # None marks the class unhashable
 
 
+def param_default(value: Any) -> Any:
+    """A configured argument's saved value: its default when it is a ``Param``, else itself."""
+    return value.default if isinstance(value, Param) else value
+
+
+def param_value(value: Any, params: Mapping[str, Any], name: str) -> Any:
+    """The value of the configured argument ``name`` (holding ``value``) for one call: the one in
+    ``params`` when the call sets it, else the saved one (``param_default``)."""
+    return params.get(name, param_default(value))
+
+
 def _coerce(name: str, value: Any, kind: type) -> Any:
     # JSON and MLflow's param schema deliver numpy scalars and ints for floats; accept what is
     # unambiguous, refuse the rest with a message naming the parameter.
@@ -167,12 +179,12 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         if isinstance(value, bool):
             return value
     elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if is_number(value) and math.isfinite(value):
             return float(value)
     elif kind is str:
         if isinstance(value, str):
@@ -266,7 +278,7 @@ class Configurable:
         """The configuration with each ``Param`` replaced by its value for one call."""
         params = params or {}
         return {
-            name: params.get(name, value.default) if isinstance(value, Param) else value
+            name: param_value(value, params, name) if isinstance(value, Param) else value
             for name, value in self.get_config().items()
         }
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mlflow_fullmodel._checks import is_int
 from mlflow_fullmodel.exceptions import ConfigError, InputError
 from mlflow_fullmodel.transform import Artifact, Transform
 
@@ -95,7 +96,7 @@ class TokenizerEncode(Transform):
         return_token_type_ids: bool = False,
     ) -> None:
         _check_file("TokenizerEncode", tokenizer_file)
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        if not is_int(max_length) or max_length < 1:
             raise ConfigError(f"TokenizerEncode: max_length must be an int >= 1, got {max_length!r}.")
         for name in ("add_special_tokens", "return_attention_mask", "return_token_type_ids"):
             if not isinstance(getattr(self, name), bool):

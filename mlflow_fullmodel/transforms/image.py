@@ -24,13 +24,14 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from mlflow_fullmodel._checks import is_int, is_number
 from mlflow_fullmodel.exceptions import ConfigError, InputError, ParamError
-from mlflow_fullmodel.transform import Param, Transform
+from mlflow_fullmodel.transform import Param, Transform, param_default
 from mlflow_fullmodel.transforms._optional import require
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class DecodeImage(Transform):
     def __init__(self, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if mode not in IMAGE_MODES:
             raise ConfigError(f"DecodeImage: mode must be one of {list(IMAGE_MODES)}, got {mode!r}.")
-        if not _is_int(max_pixels) or max_pixels < 1:
+        if not is_int(max_pixels) or max_pixels < 1:
             raise ConfigError(f"DecodeImage: max_pixels must be a positive int, got {max_pixels!r}.")
         require("DecodeImage", "PIL", "pillow", "images")
 
@@ -233,7 +234,7 @@ class Resize(Transform):
 
     def __init__(self, size: int | list[int], interpolation: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         _check_size("Resize", size)
-        if not _is_int(max_pixels) or max_pixels < 1:
+        if not is_int(max_pixels) or max_pixels < 1:
             raise ConfigError(f"Resize: max_pixels must be a positive int, got {max_pixels!r}.")
         if interpolation not in _INTERPOLATIONS:
             raise ConfigError(
@@ -335,11 +336,11 @@ class RandomCrops(Transform):
 
     def __init__(self, size: int | list[int], tta: int | Param = 8, seed: int | Param = 0) -> None:
         _check_size("RandomCrops", size)
-        tta_default = tta.default if isinstance(tta, Param) else tta
-        if not _is_int(tta_default) or tta_default < 1:
+        tta_default = param_default(tta)
+        if not is_int(tta_default) or tta_default < 1:
             raise ConfigError(f"RandomCrops: tta must be an int >= 1 (or a Param of one), got {tta!r}.")
-        seed_default = seed.default if isinstance(seed, Param) else seed
-        if not _is_int(seed_default):
+        seed_default = param_default(seed)
+        if not is_int(seed_default):
             raise ConfigError(f"RandomCrops: seed must be an int (or a Param of one), got {seed!r}.")
 
     def samples(self, **params: Any) -> int:
@@ -442,7 +443,7 @@ class NormalizeImage(Transform):
             if (
                 not isinstance(values, (list, tuple))
                 or not values
-                or not all(_is_number(v) and math.isfinite(v) for v in values)
+                or not all(is_number(v) and math.isfinite(v) for v in values)
             ):
                 raise ConfigError(
                     f"NormalizeImage: {name} must be a non-empty list of finite numbers (one per "
@@ -476,18 +477,10 @@ class NormalizeImage(Transform):
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_size(owner: str, size: Any) -> None:
-    if _is_int(size) and size >= 1:
+    if is_int(size) and size >= 1:
         return
-    if isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s >= 1 for s in size):
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(is_int(s) and s >= 1 for s in size):
         return
     raise ConfigError(f"{owner}: size must be a positive int or [height, width] of them, got {size!r}.")
 

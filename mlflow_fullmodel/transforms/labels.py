@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from mlflow_fullmodel._checks import is_int
 from mlflow_fullmodel.exceptions import ConfigError, ParamError
-from mlflow_fullmodel.transform import Param, Transform
+from mlflow_fullmodel.transform import Param, Transform, param_default, param_value
 
 __all__ = ["TopK"]
 
@@ -44,15 +45,15 @@ class TopK(Transform):
     def __init__(self, labels: list[str], k: int | Param = 1, softmax: bool = True) -> None:
         if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(x, str) for x in labels):
             raise ConfigError(f"TopK: labels must be a non-empty list of strings, got {labels!r}.")
-        default_k = k.default if isinstance(k, Param) else k
-        if not isinstance(default_k, int) or not 1 <= default_k <= len(labels):
+        default_k = param_default(k)
+        if not is_int(default_k) or not 1 <= default_k <= len(labels):
             raise ConfigError(f"TopK: k must be an int from 1 to {len(labels)}, got {default_k!r}.")
 
     def __call__(self, scores: torch.Tensor, **params: Any) -> dict[str, Any]:
         return self.batch([scores], **params)[0]
 
     def batch(self, rows: list[torch.Tensor], /, **params: Any) -> list[dict[str, Any]]:
-        k = params.get("k", self.k.default if isinstance(self.k, Param) else self.k)
+        k = param_value(self.k, params, "k")
         if not 1 <= k <= len(self.labels):
             raise ParamError(f"Parameter 'k' must be from 1 to {len(self.labels)}, got {k}.")
         for scores in rows:

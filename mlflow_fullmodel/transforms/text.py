@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlflow_fullmodel._checks import is_int
 from mlflow_fullmodel.exceptions import ConfigError, InputError
 from mlflow_fullmodel.transform import Artifact, Transform
 from mlflow_fullmodel.transforms._optional import require
@@ -62,7 +63,7 @@ class SentencePieceEncode(Transform):
                 f"SentencePieceEncode: model_file must be an Artifact, got {type(model_file).__name__}; "
                 "wrap the path: Artifact('spm.model')."
             )
-        if not isinstance(max_length, int) or max_length < 1 + add_bos + add_eos:
+        if not is_int(max_length) or max_length < 1 + add_bos + add_eos:
             raise ValueError(f"SentencePieceEncode: max_length must be an int >= {1 + add_bos + add_eos} (one token "
                              f"besides the BOS/EOS ids it adds), got {max_length!r}.")
         require("SentencePieceEncode", "sentencepiece", "sentencepiece", "sentencepiece")
