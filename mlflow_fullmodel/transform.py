@@ -9,7 +9,6 @@ shown by ``repr`` and stored as JSON when the model is saved. Anything else a st
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import math
 import os
@@ -17,7 +16,8 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import Any, ClassVar
 
 from mlflow_fullmodel._checks import is_int, is_number
-from mlflow_fullmodel.exceptions import ConfigError, IntegrityError, ParamError
+from mlflow_fullmodel._hashing import read_verified
+from mlflow_fullmodel.exceptions import ConfigError, ParamError
 
 __all__ = ["Artifact", "Configurable", "Param", "Transform", "transform"]
 
@@ -60,14 +60,7 @@ class Artifact(os.PathLike):
         Raises:
             IntegrityError: The file does not have the recorded hash.
         """
-        with open(self.path, "rb") as f:
-            data = f.read()
-        if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256:
-            raise IntegrityError(
-                f"The artifact {self.path} changed after the model was saved: its sha256 does not "
-                "match the model's manifest. Restore the model from its source (download it again)."
-            )
-        return data
+        return read_verified(self.path, self.sha256)
 
     def __repr__(self) -> str:
         return f"Artifact({self.path!r})"

@@ -231,7 +231,7 @@ class TestTokenizerEncode:
 
     def test_the_tokenizer_is_built_from_the_verified_bytes(self, hf_tokenizer_path):
         step = TokenizerEncode(fm.Artifact(hf_tokenizer_path, sha256="0" * 64))
-        with pytest.raises(fm.IntegrityError, match="changed after the model was saved"):
+        with pytest.raises(fm.IntegrityError, match="changed after the model's files were checked"):
             step("great")
 
     def test_without_the_tokenizers_package_the_error_names_the_install(self, hf_tokenizer_path, monkeypatch):

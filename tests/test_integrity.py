@@ -191,7 +191,7 @@ def test_an_artifact_swapped_after_loading_is_refused_when_it_is_read(copy):
     data = bytearray(artifact.read_bytes())
     data[len(data) // 2] ^= 0x01
     artifact.write_bytes(bytes(data))
-    with pytest.raises(fm.IntegrityError, match=r"spm.model changed after the model was saved"):
+    with pytest.raises(fm.IntegrityError, match=r"spm.model changed after the model's files were checked"):
         model.predict(EXAMPLE_TEXTS)
 
 

@@ -72,7 +72,8 @@ def test_an_artifact_with_a_hash_is_checked_on_every_read_and_one_without_is_not
     checked, unchecked = fm.Artifact(path, sha256=sha(b"a b c")), fm.Artifact(path)
     assert checked.read_bytes() == b"a b c"
     flip(path)
-    with pytest.raises(fm.IntegrityError, match=r"vocab\.txt changed after the model was saved"):
+    with pytest.raises(fm.IntegrityError, match=r"vocab\.txt changed after the model's files were checked: its sha256 no "
+                                                r"longer matches the manifest\. Restore the model"):
         checked.read_bytes()
     assert unchecked.read_bytes() == path.read_bytes()
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from mlflow_fullmodel._hashing import RESTORE as _FIX
+from mlflow_fullmodel._hashing import read_verified
 from mlflow_fullmodel.exceptions import IntegrityError
 
 __all__ = [
@@ -54,7 +56,6 @@ SIGNATURE_FILE = "model.sig"
 ADDED_AFTER_SAVING = frozenset({"registered_model_meta", "environment_variables.txt", SIGNATURE_FILE})
 
 _BYTECODE_DIR = "__pycache__"
-_FIX = "Restore the model from its source (download it again) instead of editing its files."
 
 
 def sha256_file(path: str) -> str:
@@ -239,16 +240,3 @@ def confined_path(relative: Any, what: str) -> str:
             f"model only refers to its own files. {_FIX}"
         )
     return relative
-
-
-def read_verified(path: str, sha256: str) -> bytes:
-    """The bytes of ``path``, after checking them against ``sha256``: read once, then used, so the
-    file cannot change between the check and its use."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise IntegrityError(
-            f"{path} changed after the model's files were checked: its sha256 no longer matches the "
-            f"manifest. {_FIX}"
-        )
-    return data
