@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from mlflow_fullmodel._checks import is_int, is_number
+from mlflow_fullmodel._hashing import hash_tensor
 from mlflow_fullmodel.exceptions import ConfigError, InputError, ParamError
 from mlflow_fullmodel.transform import Param, Transform, param_default
 from mlflow_fullmodel.transforms._optional import require
@@ -366,8 +367,8 @@ class RandomCrops(Transform):
 def _crop_offsets(image: torch.Tensor, seed: int, count: int, rows: int, columns: int) -> list[tuple[int, int]]:
     """``count`` (top, left) offsets, each below (``rows``, ``columns``), drawn from the SHA-256 of
     the seed, the tensor's dtype, shape and bytes, and the crop's index."""
-    content = hashlib.sha256(str((image.dtype, tuple(image.shape))).encode())
-    content.update(image.detach().cpu().contiguous().numpy().tobytes())
+    content = hashlib.sha256()
+    hash_tensor(content, image)
     key = f"{seed}:".encode() + content.digest()
     offsets = []
     for index in range(count):
