@@ -28,7 +28,7 @@ from typing import Any
 
 from mlflow_fullmodel.exceptions import CodeCaptureError
 
-__all__ = ["CodeCapture", "MAIN_MODULE", "RUNTIME_PACKAGE"]
+__all__ = ["CodeCapture", "MAIN_MODULE", "RUNTIME_PACKAGE", "pinned"]
 
 #: The module name under which ``__main__`` definitions are saved.
 MAIN_MODULE = "fullmodel_main"
@@ -44,6 +44,17 @@ def _public_roots() -> list[str]:
     roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
     roots |= {p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")}
     return [os.path.realpath(r) for r in roots if r]
+
+
+def pinned(distribution: str) -> str:
+    """A pip requirement for ``distribution`` pinned to the installed version
+    (``"torch==2.13.0"``), or its bare name when it is not installed. A local version label such
+    as torch's ``+cpu`` is dropped: PyPI does not serve it."""
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return distribution
+    return f"{distribution}=={version.split('+')[0]}"
 
 
 @dataclass
@@ -188,10 +199,8 @@ class CodeCapture:
         return not any(real.startswith(root + os.sep) for root in self._public)
 
     def _add_requirement(self, top: str) -> None:
-        distributions = importlib.metadata.packages_distributions().get(top, [])
-        for name in distributions:
-            version = importlib.metadata.version(name)
-            self.requirements.add(f"{name}=={version.split('+')[0]}")
+        for name in importlib.metadata.packages_distributions().get(top, []):
+            self.requirements.add(pinned(name))
 
     # -- definitions in __main__ -----------------------------------------------------------------
 
