@@ -22,7 +22,24 @@ _PARALLEL_ENCODE_ROWS = 64
 __all__ = ["SentencePieceDecode", "SentencePieceEncode"]
 
 
-class SentencePieceEncode(Transform):
+class _SentencePieceStep(Transform):
+    """A step with a trained sentencepiece model, loaded on first use from the file's verified
+    bytes, so what was hashed is what runs."""
+
+    requirements = ("sentencepiece",)
+
+    model_file: Artifact
+
+    @cached_property
+    def _processor(self) -> Any:
+        import sentencepiece
+
+        processor = sentencepiece.SentencePieceProcessor()
+        processor.LoadFromSerializedProto(self.model_file.read_bytes())
+        return processor
+
+
+class SentencePieceEncode(_SentencePieceStep):
     """Encode a string into a 1-D tensor of token ids with a trained sentencepiece model.
 
     The tokenizer is the one trained on this model's training data; as an ``Artifact`` it is saved
@@ -48,9 +65,6 @@ class SentencePieceEncode(Transform):
         2
     """
 
-    requirements = ("sentencepiece",)
-
-    model_file: Artifact
     max_length: int
     add_bos: bool
     add_eos: bool
@@ -67,14 +81,6 @@ class SentencePieceEncode(Transform):
             raise ValueError(f"SentencePieceEncode: max_length must be an int >= {1 + add_bos + add_eos} (one token "
                              f"besides the BOS/EOS ids it adds), got {max_length!r}.")
         require("SentencePieceEncode", "sentencepiece", "sentencepiece", "sentencepiece")
-
-    @cached_property
-    def _processor(self) -> Any:
-        import sentencepiece
-
-        processor = sentencepiece.SentencePieceProcessor()
-        processor.LoadFromSerializedProto(self.model_file.read_bytes())
-        return processor
 
     def __call__(self, text: str) -> torch.Tensor:
         if not isinstance(text, str):
@@ -119,7 +125,7 @@ class SentencePieceEncode(Transform):
         return ids
 
 
-class SentencePieceDecode(Transform):
+class SentencePieceDecode(_SentencePieceStep):
     """Turn one example's decoded candidates into text with a trained sentencepiece model.
 
     Its input is what ``GreedySearch`` and ``BeamSearch`` return for an example: a list of
@@ -147,9 +153,6 @@ class SentencePieceDecode(Transform):
         {'translation': 'what a film', 'candidates': ['what a film', 'a dull film'], 'scores': [-0.3, -1.2]}
     """
 
-    requirements = ("sentencepiece",)
-
-    model_file: Artifact
     column: str
 
     def __init__(self, model_file: Artifact, column: str = "translation") -> None:
@@ -164,14 +167,6 @@ class SentencePieceDecode(Transform):
                 f"'scores' (the other output columns), got {column!r}."
             )
         require("SentencePieceDecode", "sentencepiece", "sentencepiece", "sentencepiece")
-
-    @cached_property
-    def _processor(self) -> Any:
-        import sentencepiece
-
-        processor = sentencepiece.SentencePieceProcessor()
-        processor.LoadFromSerializedProto(self.model_file.read_bytes())
-        return processor
 
     def __call__(self, candidates: Any) -> dict[str, Any]:
         processor = self._processor
