@@ -114,7 +114,7 @@ class MicroBatcher:
         """Like ``FullModel.predict_records``, with the forward pass shared with concurrent calls.
         Past ``deadline`` (a ``time.monotonic()`` value) the call stops with a ``DeadlineError``:
         between its own steps, while it waits for a shared round, and before a batch of its rows."""
-        return self.model.predict_records(
+        return self.model._predict_records(
             data, params, forward_examples=lambda examples, values: self._forward(examples, values, deadline),
             preprocessing=self._preprocessing, deadline=deadline)
 
@@ -136,7 +136,7 @@ class MicroBatcher:
         # Only the parameters of the collate and forward steps change a batch's results, so
         # requests that agree on those may share batches whatever their other parameters; and
         # only examples of one structure can be collated together (a tta param changes shapes).
-        shared = {**self.model.collate_fn.params(), **self.model.forward_strategy.params()}
+        shared = {**self.model.collate.params(), **self.model.forward.params()}
         key = (tuple(sorted((name, values[name]) for name in shared)), _structure(examples[0]))
         job = _Job(examples, values, key=key, deadline=deadline)
         timeout = time.monotonic() + self.timeout_s
@@ -210,7 +210,7 @@ class MicroBatcher:
         try:
             # The model's own forward round, over this one batch of examples from several calls.
             examples = [job.examples[index] for job, index in items]
-            outputs = self.model.forward_examples(examples, jobs[0].params, batches=[list(range(len(examples)))])
+            outputs = self.model._forward_examples(examples, jobs[0].params, batches=[list(range(len(examples)))])
         except Exception as error:
             if len(jobs) > 1:
                 # Run each request's rows on their own, so only the request at fault fails.

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mlflow_fullmodel._checks import is_int, is_number
-from mlflow_fullmodel.exceptions import InputError
+from mlflow_fullmodel.exceptions import ConfigError, InputError
 from mlflow_fullmodel.transform import Configurable
 
 __all__ = ["Batch", "Collate", "PadCollate", "example_length", "length_buckets", "to_device", "uncollate"]
@@ -92,17 +92,17 @@ class PadCollate(Collate):
         length: int | None = None,
     ) -> None:
         if pad_side not in ("right", "left"):
-            raise ValueError(f"PadCollate: pad_side must be 'right' or 'left', got {pad_side!r}.")
+            raise ConfigError(f"PadCollate: pad_side must be 'right' or 'left', got {pad_side!r}.")
         if pad_values is not None and not (
             isinstance(pad_values, dict)
             and all(isinstance(k, str) and is_number(v) for k, v in pad_values.items())
         ):
-            raise ValueError(
+            raise ConfigError(
                 "PadCollate: pad_values must be a dict of key names to numbers, e.g. "
                 f"{{'attention_mask': 0}}, got {pad_values!r}."
             )
         if length is not None and (not is_int(length) or length < 1):
-            raise ValueError(f"PadCollate: length must be None or an int >= 1, got {length!r}.")
+            raise ConfigError(f"PadCollate: length must be None or an int >= 1, got {length!r}.")
 
     def __call__(self, examples: Sequence[Any]) -> Batch:
         if all(type(e) is torch.Tensor and e.dim() == 1 for e in examples):

@@ -48,36 +48,33 @@ def export_eager_modules(model: FullModel, inputs: Sequence[Any], params: Mappin
         ConfigError: A module cannot be exported (the message names it and the construct torch.export
             refused), or the forward strategy never called it.
     """
-    eager = [name for name, kind in model.modules.formats.items() if kind == EAGER]
+    eager = [name for name, kind in model.module.formats.items() if kind == EAGER]
     if not eager:
         return model
-    values = model.resolve_params(params)
-    examples = model.preprocess(list(inputs), values)
+    values = model._resolve_params(params)
+    examples = model._preprocess(list(inputs), values)
     if len(examples) < 2:
         # A dimension of size 1 is specialised by torch.export: trace with a batch of two.
         examples = examples * 2
     calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    hooks = [_record_first_call(name, model.modules[name].eval(), calls) for name in eager]
-    strategy = model.forward_strategy
+    hooks = [_record_first_call(name, model.module[name].eval(), calls) for name in eager]
+    strategy = model.forward
     try:
         with torch.no_grad():  # not inference_mode: torch.export traces from the recorded inputs
-            strategy(model.modules, model.collate(examples[: model.batch_size]), torch.device("cpu"),
+            strategy(model.module, model.collate(examples[: model.batch_size]), torch.device("cpu"),
                      **{name: values[name] for name in strategy.params()})
     finally:
         for hook in hooks:
             hook.remove()
-    exported = dict(model.modules.items())
+    exported = dict(model.module.items())
     for name in eager:
         if name not in calls:
             raise ConfigError(
-                f"Module '{name}' was not called by {type(model.forward_strategy).__name__} on the input example, "
+                f"Module '{name}' was not called by {type(model.forward).__name__} on the input example, "
                 "so it cannot be exported from it; export it yourself (torch.export.export) or script it (fm.script)."
             )
-        exported[name] = export_module(name, model.modules[name], *calls[name])
-    programs = FullModel(
-        model.preprocess_steps, exported, model.postprocess_steps, forward=strategy,
-        collate=model.collate_fn, input_columns=model.input_columns, batch_size=model.batch_size, device=model.device,
-    )
+        exported[name] = export_module(name, model.module[name], *calls[name])
+    programs = model._replace(module=exported)
     _check_one_row(programs, examples[0], values, eager)
     return programs
 
@@ -86,7 +83,7 @@ def _check_one_row(model: FullModel, example: Any, values: Mapping[str, Any], ea
     """Run the programs on one example alone: a size torch.export fixed to the traced batch's
     (a recurrent network's sequence length, a reshape to a constant) fails here, not in serving."""
     try:
-        model.forward(model.collate([example]), values)
+        model._forward(model.collate([example]), values)
     except Exception as error:
         raise ConfigError(
             f"The torch.export program of module(s) {eager} fails on one row of the input example alone: "

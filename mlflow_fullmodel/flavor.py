@@ -168,7 +168,7 @@ def save_model(
             "input_example=[...] (a few raw inputs), or check_parity=False to skip the check."
         )
     golden = make_golden(fullmodel, rows, example_params) if rows is not None else None
-    if EAGER in fullmodel.modules.formats.values():
+    if EAGER in fullmodel.module.formats.values():
         if rows is None:
             raise ConfigError(
                 "A plain nn.Module is exported with torch.export from the input_example; pass input_example=[...] "
@@ -330,7 +330,7 @@ def _split_example(fullmodel: FullModel, input_example: Any) -> tuple[list[Any] 
     params: dict[str, Any] = {}
     if isinstance(input_example, tuple) and len(input_example) == 2 and isinstance(input_example[1], Mapping):
         input_example, params = input_example[0], dict(input_example[1])
-    rows = fullmodel.rows(input_example)
+    rows = fullmodel._rows(input_example)
     if not rows:
         raise ConfigError("input_example has no rows; give at least one raw input.")
     return rows, params

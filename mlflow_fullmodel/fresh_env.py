@@ -93,11 +93,10 @@ def fresh_env(requirements_file: str, timeout: float = 1800, allow_builds: bool 
     with open(os.path.join(env, REQUIREMENTS_RECORD), "wb") as f:  # so `envs list` can say what it holds
         f.write(requirements)
     _logger.info("Building an environment from %s in %s (minutes the first time)", requirements_file, env)
-    steps = [
-        [sys.executable, "-m", "venv", env],
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         *([] if allow_builds else ["--only-binary", ":all:"]), "--", *named],
-    ]
+    steps = [[sys.executable, "-m", "venv", env]]
+    if named:  # pip refuses to install nothing
+        steps.append([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                      *([] if allow_builds else ["--only-binary", ":all:"]), "--", *named])
     for command in steps:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:

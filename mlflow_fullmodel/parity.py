@@ -64,9 +64,9 @@ print("\n@@parity@@" + json.dumps(report))
 def preprocess_digests(model: FullModel, inputs: Sequence[Any]) -> list[list[str]]:
     """For each input row, a digest of the output of each pre-processing step."""
     digests = []
-    for value in model.rows(inputs):
+    for value in model._rows(inputs):
         row = []
-        for step in model.preprocess_steps:
+        for step in model.preprocess:
             value = step(value, **{n: p.default for n, p in step.params().items()})
             row.append(_digest(value))
         digests.append(row)
@@ -144,9 +144,9 @@ def batch_invariance_problems(model: FullModel, inputs: Sequence[Any], params: M
     def reversed_full_batches(examples: list[Any], values: Mapping[str, Any]) -> list[Any]:
         order = list(range(len(examples)))[::-1]
         batches = [order[start : start + model.batch_size] for start in range(0, len(order), model.batch_size)]
-        return model.forward_examples(examples, values, batches=batches)
+        return model._forward_examples(examples, values, batches=batches)
 
-    batched = records_frame(model.predict_records(list(inputs), params, forward_examples=reversed_full_batches))
+    batched = records_frame(model._predict_records(list(inputs), params, forward_examples=reversed_full_batches))
     return compare_outputs(expected, batched, names=("alone", "in a padded batch"))
 
 
@@ -181,7 +181,7 @@ def _child_report(folder: str, expected_digests: list[list[str]] | None, root: s
         for row, (want, got) in enumerate(zip(expected_digests, actual)):
             for index, (w, g) in enumerate(zip(want, got)):
                 if w != g:
-                    step = type(model.preprocess_steps[index]).__name__
+                    step = type(model.preprocess[index]).__name__
                     report["problems"].insert(0, f"row {row}: the output of preprocess[{index}] {step} differs")
                     break
     return report

@@ -97,12 +97,12 @@ class FullModel:
         batch_size: int = 32,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.preprocess_steps = [_instantiate(step, "preprocess", i) for i, step in enumerate(preprocess)]
-        self.postprocess_steps = [_instantiate(step, "postprocess", i) for i, step in enumerate(postprocess)]
-        self.modules = ModuleSet.of(module)
-        self.forward_strategy = forward if forward is not None else CallModule()
-        self.collate_fn = collate if collate is not None else PadCollate()
-        self.forward_strategy.check_collate(self.collate_fn)
+        self.preprocess = [_instantiate(step, "preprocess", i) for i, step in enumerate(preprocess)]
+        self.postprocess = [_instantiate(step, "postprocess", i) for i, step in enumerate(postprocess)]
+        self.module = ModuleSet.of(module)
+        self.forward = forward if forward is not None else CallModule()
+        self.collate = collate if collate is not None else PadCollate()
+        self.forward.check_collate(self.collate)
         if isinstance(input_columns, str) or not input_columns:
             raise ConfigError(f"input_columns must be a non-empty list of names, got {input_columns!r}.")
         self.input_columns = list(input_columns)
@@ -117,9 +117,9 @@ class FullModel:
     def steps(self) -> list[tuple[str, Configurable]]:
         """Every configured step with a label naming its place, e.g. ``"preprocess[1]"``."""
         return (
-            [(f"preprocess[{i}]", s) for i, s in enumerate(self.preprocess_steps)]
-            + [("collate", self.collate_fn), ("forward", self.forward_strategy)]
-            + [(f"postprocess[{i}]", s) for i, s in enumerate(self.postprocess_steps)]
+            [(f"preprocess[{i}]", s) for i, s in enumerate(self.preprocess)]
+            + [("collate", self.collate), ("forward", self.forward)]
+            + [(f"postprocess[{i}]", s) for i, s in enumerate(self.postprocess)]
         )
 
     def _collect_params(self) -> dict[str, tuple[str, Param]]:
@@ -145,7 +145,7 @@ class FullModel:
         """The runtime parameters, by name, with their saved defaults."""
         return {name: param for name, (_, param) in self._param_owner.items()}
 
-    def resolve_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _resolve_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Validate call-time ``params`` and merge them over the saved defaults into a new dict."""
         params = dict(params or {})
         unknown = sorted(set(params) - set(self._param_owner))
@@ -158,12 +158,12 @@ class FullModel:
             for name, (_, param) in self._param_owner.items()
         }
 
-    def samples_per_row(self, params: Mapping[str, Any] | None = None) -> int:
+    def _samples_per_row(self, params: Mapping[str, Any] | None = None) -> int:
         """How many samples the forward pass gets per row with these params (``Transform.samples``)."""
-        sampling = [step for step in self.preprocess_steps if type(step).samples is not Transform.samples]
+        sampling = [step for step in self.preprocess if type(step).samples is not Transform.samples]
         if not sampling:  # most models: no params to resolve on a served request's path
             return 1
-        values = self.resolve_params(params)
+        values = self._resolve_params(params)
         count = 1
         for step in sampling:
             count *= step.samples(**_own(step, values))
@@ -171,26 +171,24 @@ class FullModel:
 
     def to(self, device: str | torch.device) -> FullModel:
         """A copy of this model that runs its forward pass on ``device``."""
-        return FullModel(
-            self.preprocess_steps,
-            self.modules,
-            self.postprocess_steps,
-            forward=self.forward_strategy,
-            collate=self.collate_fn,
-            input_columns=self.input_columns,
-            batch_size=self.batch_size,
-            device=device,
-        )
+        return self._replace(device=device)
+
+    def _replace(self, **changes: Any) -> FullModel:
+        """A new FullModel with the same configuration except ``changes`` (constructor arguments)."""
+        config = dict(preprocess=self.preprocess, module=self.module, postprocess=self.postprocess, forward=self.forward,
+                      collate=self.collate, input_columns=self.input_columns, batch_size=self.batch_size,
+                      device=self.device)
+        return FullModel(**{**config, **changes})
 
     def __repr__(self) -> str:
         def listing(steps: Sequence[Configurable]) -> str:
             return "[" + ", ".join(repr(s) for s in steps) + "]"
 
-        modules = ", ".join(f"{n}: {f}" for n, f in self.modules.formats.items())
+        modules = ", ".join(f"{n}: {f}" for n, f in self.module.formats.items())
         return (
-            f"FullModel(preprocess={listing(self.preprocess_steps)}, modules={{{modules}}}, "
-            f"forward={self.forward_strategy!r}, collate={self.collate_fn!r}, "
-            f"postprocess={listing(self.postprocess_steps)}, input_columns={self.input_columns}, "
+            f"FullModel(preprocess={listing(self.preprocess)}, module={{{modules}}}, "
+            f"forward={self.forward!r}, collate={self.collate!r}, "
+            f"postprocess={listing(self.postprocess)}, input_columns={self.input_columns}, "
             f"batch_size={self.batch_size}, device='{self.device}')"
         )
 
@@ -214,7 +212,12 @@ class FullModel:
         """
         return records_frame(self.predict_records(data, params))
 
-    def predict_records(
+    def predict_records(self, data: Any, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """``predict``, with the answers as one dict of plain Python values per row: what a JSON
+        response holds, without building a DataFrame."""
+        return self._predict_records(data, params)
+
+    def _predict_records(
         self,
         data: Any,
         params: Mapping[str, Any] | None = None,
@@ -223,28 +226,25 @@ class FullModel:
         preprocessing: Callable[[], AbstractContextManager[Any]] = nullcontext,
         deadline: float | None = None,
     ) -> list[dict[str, Any]]:
-        """``predict``, with the answers as one dict of plain Python values per row: what a JSON
-        response holds, without building a DataFrame.
-
-        ``forward_examples`` replaces the forward round (``FullModel.forward_examples``), and
-        ``preprocessing`` is entered around pre-processing: the two places where a server's
-        micro-batcher joins the data path. ``deadline`` (a ``time.monotonic()`` value) stops the
-        work between steps and batches with a ``DeadlineError`` once it has passed.
-        """
-        values = self.resolve_params(params)
+        """The data path, top to bottom. Inside the package, ``forward_examples`` replaces the
+        forward round (``_forward_examples``) and ``preprocessing`` is entered around
+        pre-processing: where the micro-batcher and the batch-invariance check join it.
+        ``deadline`` (a ``time.monotonic()`` value) stops the work between steps and batches with a
+        ``DeadlineError`` once it has passed."""
+        values = self._resolve_params(params)
         errors: dict[int, str] | None = {} if values[ON_ERROR] == "return" else None
-        rows = self.rows(data, errors)
+        rows = self._rows(data, errors)
         ids = [i for i in range(len(rows)) if errors is None or i not in errors]
         examples = [rows[i] for i in ids]
         with preprocessing():
-            ids, examples = _run_steps("preprocess", self.preprocess_steps, ids, examples, values, errors, deadline)
-        forward = forward_examples or (lambda examples, params: self.forward_examples(examples, params, deadline))
+            ids, examples = _run_steps("preprocess", self.preprocess, ids, examples, values, errors, deadline)
+        forward = forward_examples or (lambda examples, params: self._forward_examples(examples, params, deadline))
         ids, outputs = self._forward_rows(ids, examples, values, forward, errors)
-        ids, answers = _run_steps("postprocess", self.postprocess_steps, ids, outputs, values, errors, deadline)
+        ids, answers = _run_steps("postprocess", self.postprocess, ids, outputs, values, errors, deadline)
         records = answer_records(answers)
         return records if errors is None else _with_errors(records, ids, errors, len(rows))
 
-    def forward_examples(
+    def _forward_examples(
         self, examples: list[Any], params: Mapping[str, Any], deadline: float | None = None,
         batches: list[list[int]] | None = None,
     ) -> list[Any]:
@@ -252,10 +252,10 @@ class FullModel:
         given ``batches`` of example indices), each collated, run through the forward strategy and
         split back into rows."""
         outputs: list[Any] = [None] * len(examples)
-        for indices in batches if batches is not None else self.plan_batches(examples):
+        for indices in batches if batches is not None else self._plan_batches(examples):
             _check_deadline(deadline, "forward")
             batch = self.collate([examples[i] for i in indices])
-            for i, output in zip(indices, uncollate(self.forward(batch, params), len(indices))):
+            for i, output in zip(indices, uncollate(self._forward(batch, params), len(indices))):
                 outputs[i] = output
         return outputs
 
@@ -283,14 +283,14 @@ class FullModel:
             except DeadlineError:
                 raise  # the request's deadline, not this row's fault
             except Exception as error:
-                errors[row] = f"Row {row}: forward {type(self.forward_strategy).__name__} failed: {brief(error)}"
+                errors[row] = f"Row {row}: forward {type(self.forward).__name__} failed: {brief(error)}"
         return [row for row, _ in kept], forward_examples([e for _, e in kept], params) if kept else []
 
     def _forward_failure(self, ids: list[int], examples: list[Any], params: Mapping[str, Any],
                          forward_examples: ForwardExamples, error: Exception) -> ModelError:
         """The error of a failed forward round, naming the first row that fails on its own (found
         only now that the round has failed, one row at a time)."""
-        name = f"forward {type(self.forward_strategy).__name__}"
+        name = f"forward {type(self.forward).__name__}"
         if len(examples) > 1:
             for row, example in zip(ids, examples):
                 try:
@@ -302,7 +302,7 @@ class FullModel:
             return ModelError(f"{name} failed on a batch of rows that each pass alone: {brief(error)}", step=name)
         return ModelError(f"Row {ids[0] if ids else 0}: {name} failed: {brief(error)}", step=name)
 
-    def rows(self, data: Any, errors: dict[int, str] | None = None) -> list[Any]:
+    def _rows(self, data: Any, errors: dict[int, str] | None = None) -> list[Any]:
         """The raw inputs of ``data``, one per row: a value, or a dict when there are several
         input columns. A missing value raises ``InputError``, or, given ``errors``, is recorded
         there by row index."""
@@ -348,22 +348,19 @@ class FullModel:
             return values[columns[0]]
         return [dict(zip(columns, row)) for row in zip(*values.values())]
 
-    def preprocess(self, rows: Sequence[Any], params: Mapping[str, Any]) -> list[Any]:
+    def _preprocess(self, rows: Sequence[Any], params: Mapping[str, Any]) -> list[Any]:
         """Apply each pre-processing step to all rows, in order (see ``Transform.batch``)."""
-        return _run_steps("preprocess", self.preprocess_steps, list(range(len(rows))), list(rows), params)[1]
+        return _run_steps("preprocess", self.preprocess, list(range(len(rows))), list(rows), params)[1]
 
-    def plan_batches(self, examples: Sequence[Any]) -> list[list[int]]:
+    def _plan_batches(self, examples: Sequence[Any]) -> list[list[int]]:
         """Row indices grouped into batches of similar length, so little of a batch is padding."""
         return length_buckets([example_length(e) for e in examples], self.batch_size)
 
-    def collate(self, examples: Sequence[Any]) -> Batch:
-        return self.collate_fn(examples)
-
-    def forward(self, batch: Batch, params: Mapping[str, Any]) -> Any:
+    def _forward(self, batch: Batch, params: Mapping[str, Any]) -> Any:
         """Run the forward strategy on ``batch`` on the model's device; outputs come back on CPU."""
         with torch.inference_mode():
-            outputs = self.forward_strategy(
-                self.modules, batch.to(self.device), self.device, **_own(self.forward_strategy, params)
+            outputs = self.forward(
+                self.module, batch.to(self.device), self.device, **_own(self.forward, params)
             )
         return to_device(outputs, _CPU)
 

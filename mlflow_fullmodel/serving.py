@@ -186,13 +186,13 @@ class ServedModel:
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
         try:
             check_column_types(data, self.input_types)
-            samples = self.limits.check(data, self.fullmodel.samples_per_row(params))
+            samples = self.limits.check(data, self.fullmodel._samples_per_row(params))
             with self.admission.admit(samples):
                 deadline = time.monotonic() + self.deadline_s
                 if self.batcher is not None:
                     records = self.batcher.predict_records(data, params=params, deadline=deadline)
                 else:
-                    records = self.fullmodel.predict_records(data, params=params, deadline=deadline)
+                    records = self.fullmodel._predict_records(data, params=params, deadline=deadline)
         except (InputError, ParamError) as error:
             raise ServingError(str(error), INVALID_PARAMETER_VALUE) from None
         except ServerBusy as error:

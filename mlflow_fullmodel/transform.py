@@ -110,6 +110,17 @@ class Param:
                 f"Param default must be a bool, int, float or str, got {type(default).__name__} "
                 f"({default!r})."
             )
+        for key, bound in (("minimum", minimum), ("maximum", maximum)):
+            if bound is not None and not is_number(bound):
+                raise ConfigError(
+                    f"Param({default!r}, {key}={bound!r}): {key} must be a number (an int or a float), "
+                    f"got a {type(bound).__name__}."
+                )
+            if bound is not None and isinstance(default, str):
+                raise ConfigError(
+                    f"Param({default!r}, {key}={bound!r}): {key} bounds numbers only, and the default "
+                    "is a str; limit a str with choices=[...]."
+                )
         self.default = default
         self.minimum = minimum
         self.maximum = maximum

@@ -33,7 +33,7 @@ class UnmaskedMean(torch.nn.Module):
 def unmasked_model(text_model: fm.FullModel, batch_size: int = 4) -> fm.FullModel:
     torch.manual_seed(0)
     return fm.FullModel(
-        preprocess=text_model.preprocess_steps,
+        preprocess=text_model.preprocess,
         module=fm.script(UnmaskedMean()),
         # Scores, not only labels: a label can survive a small change that the scores show.
         postprocess=[TopK(labels=LABELS, k=len(LABELS))],
@@ -79,7 +79,7 @@ def test_batch_size_one_is_accepted_and_the_micro_batcher_keeps_it(tmp_path, tex
     alone = pd.concat([model.predict([text]) for text in EXAMPLE_TEXTS], ignore_index=True)
 
     # Concurrent requests meet in the micro-batcher; batch_size=1 must keep their rows apart.
-    meeting = fm.FullModel([WaitForTheOthers(), *model.preprocess_steps], model.modules, model.postprocess_steps,
+    meeting = fm.FullModel([WaitForTheOthers(), *model.preprocess], model.module, model.postprocess,
                            batch_size=1)
     batcher = MicroBatcher(meeting, max_batch_size=64, max_wait_ms=500)
     answers: list[pd.DataFrame | None] = [None] * len(EXAMPLE_TEXTS)

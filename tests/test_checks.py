@@ -61,14 +61,14 @@ def test_a_bool_where_a_step_takes_an_int_or_a_number_is_refused(build, message)
 
 
 def test_pad_collate_refuses_a_bool_length_or_pad_value():
-    with pytest.raises(ValueError, match=r"PadCollate: length must be None or an int >= 1, got True"):
+    with pytest.raises(fm.ConfigError, match=r"PadCollate: length must be None or an int >= 1, got True"):
         fm.PadCollate(length=True)
-    with pytest.raises(ValueError, match=r"PadCollate: pad_values must be a dict"):
+    with pytest.raises(fm.ConfigError, match=r"PadCollate: pad_values must be a dict"):
         fm.PadCollate(pad_values={"mask": False})
 
 
 def test_the_tokenizer_steps_refuse_a_bool_max_length(spm_path, hf_tokenizer_path):
-    with pytest.raises(ValueError, match=r"SentencePieceEncode: max_length must be an int >= 1 .*, got True"):
+    with pytest.raises(fm.ConfigError, match=r"SentencePieceEncode: max_length must be an int >= 1 .*, got True"):
         SentencePieceEncode(fm.Artifact(spm_path), max_length=True)
     with pytest.raises(fm.ConfigError, match=r"TokenizerEncode: max_length must be an int >= 1, got True"):
         TokenizerEncode(fm.Artifact(hf_tokenizer_path), max_length=True)
@@ -76,5 +76,10 @@ def test_the_tokenizer_steps_refuse_a_bool_max_length(spm_path, hf_tokenizer_pat
 
 def test_numpy_numbers_are_what_python_says_they_are():
     assert fm.PadCollate(pad_values={"mask": np.float64(0.0)}).pad_values == {"mask": 0.0}
-    with pytest.raises(ValueError, match=r"PadCollate: length must be None or an int >= 1"):
+    with pytest.raises(fm.ConfigError, match=r"PadCollate: length must be None or an int >= 1"):
         fm.PadCollate(length=np.int64(4))
+
+
+def test_pad_collate_refuses_a_pad_side_with_a_config_error_like_its_sibling_steps():
+    with pytest.raises(fm.ConfigError, match=r"^PadCollate: pad_side must be 'right' or 'left', got 'up'\.$"):
+        fm.PadCollate(pad_side="up")

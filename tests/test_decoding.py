@@ -446,9 +446,9 @@ class TestSentencePieceDecode:
             SentencePieceDecode(fm.Artifact(spm_path))(torch.tensor([0.2, 0.8]))
 
     def test_bad_arguments_are_refused_at_construction(self, spm_path):
-        with pytest.raises(TypeError, match="wrap the path"):
+        with pytest.raises(fm.ConfigError, match="wrap the path"):
             SentencePieceDecode(spm_path)
-        with pytest.raises(ValueError, match="column must be"):
+        with pytest.raises(fm.ConfigError, match="column must be"):
             SentencePieceDecode(fm.Artifact(spm_path), column="scores")
 
 

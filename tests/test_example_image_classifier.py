@@ -256,7 +256,7 @@ def test_the_same_training_exported_with_torch_export_answers_like_the_torchscri
     train_example("image_classifier", tracking, tmp_path, "--module-format", "export", "--registered-model-name", name)
     for version in mlflow.MlflowClient().search_model_versions(f"name='{name}'"):
         exported = fm.load_model(f"models:/{name}/{version.version}")
-        assert exported.modules.formats == {"main": "torch.export"}
+        assert exported.module.formats == {"main": "torch.export"}
         scripted = models[version.tags["variant"]]
         for batch in (PNGS[:1], PNGS[:12]):
             pd.testing.assert_frame_equal(exported.predict(batch), scripted.predict(batch), rtol=1e-4, atol=1e-6)

@@ -145,7 +145,7 @@ def test_the_saved_model_holds_the_projects_code_and_lists_torchvision_without_a
         assert (folder / "fullmodel" / "code" / "tv_processing.py").read_text() == (EXAMPLE / "tv_processing.py").read_text()
         assert not [p.name for p in folder.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
     models = {variant: result["model"] for variant, result in trained["variants"].items()}
-    names = {v: [type(step).__module__ + ":" + type(step).__name__ for step in m.preprocess_steps] for v, m in models.items()}
+    names = {v: [type(step).__module__ + ":" + type(step).__name__ for step in m.preprocess] for v, m in models.items()}
     assert names == {
         "center": ["mlflow_fullmodel.transforms.image:DecodeImage", "tv_processing:ToImage", "tv_processing:Resize",
                    "tv_processing:CenterCrop", "tv_processing:ToFloat", "tv_processing:Normalize"],

@@ -66,7 +66,7 @@ def test_the_served_champion_answers_raw_text_over_http(trained, tracking):
 def test_the_same_training_saved_as_a_torch_export_program_gives_the_same_answers(trained, tracking, tmp_path):
     train_example("text_classifier", tracking, tmp_path, "--module-format", "export", "--registered-model-name", "example-text-export")
     exported = fm.load_model("models:/example-text-export@champion")
-    assert list(exported.modules.formats.values()) == ["torch.export"]
+    assert list(exported.module.formats.values()) == ["torch.export"]
     scripted = fm.load_model("models:/example-text@champion")
     texts = TEXTS + ["a much longer review " * 30, "ok"]  # lengths the export never saw
     pd.testing.assert_frame_equal(exported.predict(texts, params={"k": 3}), scripted.predict(texts, params={"k": 3}),

@@ -68,12 +68,12 @@ def test_the_champion_translates_raw_numbers_with_three_candidates_when_asked(tr
 
 
 def test_beam_size_one_gives_the_greedy_translation(champion):
-    beam = champion.forward_strategy
+    beam = champion.forward
     assert isinstance(beam, BeamSearch)
     greedy = fm.FullModel(
-        champion.preprocess_steps, champion.modules, champion.postprocess_steps,
+        champion.preprocess, champion.module, champion.postprocess,
         forward=GreedySearch(bos_id=beam.bos_id, eos_id=beam.eos_id, pad_id=beam.pad_id, max_length=12),
-        collate=champion.collate_fn, input_columns=champion.input_columns,
+        collate=champion.collate, input_columns=champion.input_columns,
     )
     sources = SOURCES + [str(n) for n in range(100, 10000, 371)]
     expected = greedy.predict(sources)
@@ -117,7 +117,7 @@ def test_the_served_champion_translates_raw_text_over_http_and_refuses_bad_param
 def test_the_same_training_exported_as_two_programs_translates_like_the_torchscript_model(trained, tracking, champion, tmp_path):
     train_example("translator", tracking, tmp_path, "--module-format", "export", "--registered-model-name", "example-translator-export")
     exported = fm.load_model("models:/example-translator-export@champion")
-    assert exported.modules.formats == {"encoder": "torch.export", "decoder": "torch.export"}
+    assert exported.module.formats == {"encoder": "torch.export", "decoder": "torch.export"}
     # Same seed, same training: the programs translate as the TorchScript module does, one source
     # alone or many in a batch, with the beam the request asks for.
     for sources in (SOURCES[:1], SOURCES):

@@ -24,7 +24,7 @@ from mlflow_fullmodel.transforms import TopK
 def plain_model(text_model: fm.FullModel, net: torch.nn.Module | None = None) -> fm.FullModel:
     torch.manual_seed(0)
     return fm.FullModel(
-        preprocess=text_model.preprocess_steps,
+        preprocess=text_model.preprocess,
         module=net if net is not None else BagOfIds(vocab_size=64, classes=len(LABELS)),
         postprocess=[TopK(labels=LABELS, k=len(LABELS))],
         batch_size=4,
@@ -78,7 +78,7 @@ def refused_line(module: type[torch.nn.Module]) -> tuple[int, str]:
 
 def test_a_plain_module_predicts_in_memory_and_is_saved_as_one_exported_program(tmp_path, text_model):
     model = plain_model(text_model)
-    assert model.modules.formats == {"main": "nn.Module"}
+    assert model.module.formats == {"main": "nn.Module"}
     # One row in the input example: the program must still serve batches of every size.
     fm.save_model(model, str(tmp_path / "model"), input_example=EXAMPLE_TEXTS[:1])
     spec = json.loads((tmp_path / "model" / "fullmodel" / "fullmodel.json").read_text())
@@ -86,7 +86,7 @@ def test_a_plain_module_predicts_in_memory_and_is_saved_as_one_exported_program(
     assert (tmp_path / "model" / "fullmodel" / spec["modules"]["main"]["file"]).suffix == ".pt2"
 
     loaded = fm.load_model(str(tmp_path / "model"))
-    assert loaded.modules.formats == {"main": "torch.export"}
+    assert loaded.module.formats == {"main": "torch.export"}
     texts = EXAMPLE_TEXTS + ["Superb!", "A long and dull and boring and tedious film, the plot lazy and the script worse"]
     for rows in ([texts[0]], texts[:2], texts):
         pd.testing.assert_frame_equal(loaded.predict(rows), model.predict(rows), rtol=1e-5)
@@ -173,7 +173,7 @@ def test_to_gives_a_model_whose_device_copy_leaves_the_original_answering(text_m
     model = plain_model(text_model)
     expected = model.predict(EXAMPLE_TEXTS)
     moved = model.to("cpu")
-    moved.modules.runnable("main", torch.device("meta"))  # what a CUDA device would do, without one
+    moved.module.runnable("main", torch.device("meta"))  # what a CUDA device would do, without one
     pd.testing.assert_frame_equal(model.predict(EXAMPLE_TEXTS), expected)
     scripted = fm.script(BagOfIds(vocab_size=64, classes=len(LABELS)))
     weights = [p.clone() for p in scripted.parameters()]
@@ -202,10 +202,10 @@ def test_a_recurrent_module_needs_one_padded_length_and_the_error_says_so(tmp_pa
     with pytest.raises(fm.ConfigError, match=r"fails on one row of the input example alone.*PadCollate\(length=\.\.\.\)"):
         fm.save_model(plain_model(text_model, LastState()), str(tmp_path / "refused"), input_example=EXAMPLE_TEXTS)
 
-    model = fm.FullModel(text_model.preprocess_steps, LastState(), [TopK(labels=LABELS, k=len(LABELS))],
+    model = fm.FullModel(text_model.preprocess, LastState(), [TopK(labels=LABELS, k=len(LABELS))],
                          collate=fm.PadCollate(length=32), batch_size=4)
     fm.save_model(model, str(tmp_path / "model"), input_example=EXAMPLE_TEXTS)
     loaded = fm.load_model(str(tmp_path / "model"))
     pd.testing.assert_frame_equal(loaded.predict(EXAMPLE_TEXTS[:1]), model.predict(EXAMPLE_TEXTS[:1]), rtol=1e-5)
     with pytest.raises(fm.InputError, match="pads to length=2; truncate"):
-        fm.FullModel(text_model.preprocess_steps, LastState(), collate=fm.PadCollate(length=2)).predict(EXAMPLE_TEXTS)
+        fm.FullModel(text_model.preprocess, LastState(), collate=fm.PadCollate(length=2)).predict(EXAMPLE_TEXTS)

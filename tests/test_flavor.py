@@ -178,7 +178,7 @@ def test_a_logged_model_that_fails_parity_is_not_logged(tracking, tmp_path, text
         import noisy
 
         noisy.STOP_WORDS.update({"great", "superb"})
-        model = fm.FullModel(preprocess=[noisy.DropStopWords(), *text_model.preprocess_steps[1:]],
+        model = fm.FullModel(preprocess=[noisy.DropStopWords(), *text_model.preprocess[1:]],
                              module=scripted_net, postprocess=[TopK(labels=LABELS)])
         example = ["a great film", "a superb plot and a great actor", "dull and boring"]
         with mlflow.start_run() as run, pytest.raises(fm.ParityError, match=r"row 0: the output of preprocess\[0\] DropStopWords differs"):
@@ -200,10 +200,10 @@ def test_a_torch_export_program_and_several_named_modules_save_and_reload(tmp_pa
         dynamic_shapes=({0: batch, 1: length}, {0: batch}),
     )
     model = fm.FullModel(
-        preprocess=text_model.preprocess_steps,
+        preprocess=text_model.preprocess,
         module={"exported": program, "scripted": scripted_net},
         forward=fm.CallModule(module="exported"),
-        postprocess=text_model.postprocess_steps,
+        postprocess=text_model.postprocess,
     )
     fm.save_model(model, str(tmp_path / "m"), input_example=EXAMPLE_TEXTS)  # parity check included
     mlmodel = yaml.safe_load((tmp_path / "m" / "MLmodel").read_text())

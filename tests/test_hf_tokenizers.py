@@ -310,7 +310,7 @@ def test_greedy_search_between_the_two_steps_answers_text_also_after_saving(hf_t
 
 def test_a_padded_row_scores_as_it_does_alone_because_its_mask_pads_with_zeros(hf_tokenizer_path):
     model = masked_model(hf_tokenizer_path)
-    step, collate, net = model.preprocess_steps[0], model.collate_fn, model.modules["main"]
+    step, collate, net = model.preprocess[0], model.collate, model.module["main"]
     examples = step.batch(TEXTS)
     with torch.inference_mode():  # as FullModel calls it: TorchScript shares a class's plans across instances
         together = net(**collate(examples).inputs)
@@ -331,8 +331,8 @@ def test_a_saved_model_lists_tokenizers_keeps_the_json_and_predicts_the_same_aft
     assert not [p for p in path.rglob("*") if p.suffix in (".pkl", ".pickle")]
     expected = model.predict(TEXTS, params={"k": 2})
     loaded = fm.load_model(str(path))
-    assert plain_config(loaded.preprocess_steps[0]) == plain_config(model.preprocess_steps[0])
-    assert loaded.preprocess_steps[0].tokenizer_file.path.startswith(str(path))
+    assert plain_config(loaded.preprocess[0]) == plain_config(model.preprocess[0])
+    assert loaded.preprocess[0].tokenizer_file.path.startswith(str(path))
     pd.testing.assert_frame_equal(loaded.predict(TEXTS, params={"k": 2}), expected)
     pyfunc = mlflow.pyfunc.load_model(str(path))
     pd.testing.assert_frame_equal(pyfunc.predict(pd.DataFrame({"text": TEXTS}), params={"k": 2}), expected)

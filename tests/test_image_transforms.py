@@ -466,8 +466,8 @@ class TestAverageOverSamples:
         for index in (0, 4, 8):
             alone = tta_model.predict([pngs[index]], params={"seed": 1})
             # Identical crops (pre-processing depends on the seed and the image only) ...
-            values = tta_model.resolve_params({"seed": 1})
-            assert torch.equal(tta_model.preprocess([pngs[index]], values)[0], tta_model.preprocess(pngs, values)[index])
+            values = tta_model._resolve_params({"seed": 1})
+            assert torch.equal(tta_model._preprocess([pngs[index]], values)[0], tta_model._preprocess(pngs, values)[index])
             # ... hence the same answer; batched float32 kernels may differ in the last bits.
             assert alone["top_labels"][0] == together["top_labels"][index]
             assert alone["top_probabilities"][0] == pytest.approx(
@@ -495,10 +495,10 @@ class TestAverageOverSamples:
 def test_the_samples_a_request_makes_are_rows_times_tta_and_bounded_when_served(tta_model):
     from mlflow_fullmodel.serving import RequestLimits
 
-    assert tta_model.samples_per_row() == 6 and tta_model.samples_per_row({"tta": 32}) == 32
+    assert tta_model._samples_per_row() == 6 and tta_model._samples_per_row({"tta": 32}) == 32
     limits = RequestLimits(max_rows=1000, max_text_chars=100, max_bytes=10**6, max_samples=100)
     frame = pd.DataFrame({"image": [encode(PIXELS)] * 4})
-    limits.check(frame, tta_model.samples_per_row({"tta": 25}))  # 4 x 25 = 100: at the limit
+    limits.check(frame, tta_model._samples_per_row({"tta": 25}))  # 4 x 25 = 100: at the limit
     with pytest.raises(fm.InputError, match=r"the request makes 4 rows x 26 samples = 104 samples, over the limit "
                                             r"max_samples=100; send fewer rows, or fewer samples per row"):
-        limits.check(frame, tta_model.samples_per_row({"tta": 26}))
+        limits.check(frame, tta_model._samples_per_row({"tta": 26}))

@@ -34,7 +34,7 @@ def test_the_same_rows_give_the_same_answers_as_a_list_a_dataframe_or_a_dict_of_
 
 
 def test_probabilities_are_a_softmax_of_the_module_scores(text_model, scripted_net):
-    ids = text_model.preprocess_steps[1](Normalize()(EXAMPLE_TEXTS[0]))
+    ids = text_model.preprocess[1](Normalize()(EXAMPLE_TEXTS[0]))
     scores = scripted_net(ids[None, :], torch.tensor([len(ids)]))[0]
     expected = torch.softmax(scores.double(), 0)
     result = text_model.predict(EXAMPLE_TEXTS[:1], params={"k": 2})
@@ -129,7 +129,7 @@ def test_something_that_is_not_a_module_is_refused_naming_what_is_accepted(scrip
 
 def test_a_transform_class_that_needs_no_arguments_may_be_given_uninstantiated(scripted_net):
     model = fm.FullModel(preprocess=[Normalize], module=scripted_net)
-    assert isinstance(model.preprocess_steps[0], Normalize)
+    assert isinstance(model.preprocess[0], Normalize)
 
 
 def test_asking_for_cuda_where_there_is_none_is_a_clear_error(text_model):
@@ -201,7 +201,7 @@ class TestPadCollate:
 
     @pytest.mark.parametrize("pad_values", [[0], {"attention_mask": "0"}, {"attention_mask": True}, {1: 0}])
     def test_pad_values_that_are_not_numbers_by_key_are_refused(self, pad_values):
-        with pytest.raises(ValueError, match="PadCollate: pad_values must be a dict of key names to numbers"):
+        with pytest.raises(fm.ConfigError, match="PadCollate: pad_values must be a dict of key names to numbers"):
             PadCollate(pad_values=pad_values)
 
     def test_examples_of_different_structure_are_refused_naming_the_row(self):
@@ -231,7 +231,7 @@ def test_a_torch_export_program_gives_the_same_answers_as_torchscript(spm_path, 
         dynamic_shapes=({0: batch, 1: length}, {0: batch}),
     )
     exported = fm.FullModel(
-        preprocess=text_model.preprocess_steps, module=program, postprocess=text_model.postprocess_steps, batch_size=2
+        preprocess=text_model.preprocess, module=program, postprocess=text_model.postprocess, batch_size=2
     )
     texts = EXAMPLE_TEXTS + ["a much longer text " * 5]
     pd.testing.assert_frame_equal(exported.predict(texts, params={"k": 2}), text_model.predict(texts, params={"k": 2}))
@@ -377,10 +377,10 @@ def test_work_past_the_deadline_stops_between_steps_and_does_not_run_on(spm_path
                          module=scripted_net, postprocess=[TopK(labels=LABELS), Seen()])
     CALLS.clear()
     with pytest.raises(fm.DeadlineError, match=r"went past its deadline and was stopped before preprocess\[1\]"):
-        model.predict_records(["good film"] * 4, deadline=time.monotonic() + 0.1)
+        model._predict_records(["good film"] * 4, deadline=time.monotonic() + 0.1)
     assert CALLS == ["slow"] * 4  # nothing after the step that ran over
     CALLS.clear()
-    assert len(model.predict_records(["good film"], deadline=time.monotonic() + 60)) == 1
+    assert len(model._predict_records(["good film"], deadline=time.monotonic() + 60)) == 1
     assert CALLS == ["slow", "postprocess"]
 
 
@@ -420,7 +420,7 @@ def test_a_deadline_passed_while_rows_are_isolated_stops_the_request_instead_of_
         raise fm.DeadlineError("the request's work went past its deadline and was stopped before forward")
 
     with pytest.raises(fm.DeadlineError, match="stopped before forward"):
-        text_model.predict_records(EXAMPLE_TEXTS, params={"on_error": "return"}, forward_examples=forward)
+        text_model._predict_records(EXAMPLE_TEXTS, params={"on_error": "return"}, forward_examples=forward)
 
 
 def test_left_padding_of_dict_and_tuple_examples_pads_every_member_and_keeps_the_true_lengths():
@@ -462,7 +462,7 @@ def test_a_fixed_length_pads_every_batch_to_it_on_its_side(side, ids, mask):
     assert collate([{"ids": torch.tensor([1, 2, 3, 4])}]).inputs["ids"].shape == (1, 5)
     with pytest.raises(fm.InputError, match="An example has 6 positions but PadCollate pads to length=5"):
         collate([torch.arange(6)])
-    with pytest.raises(ValueError, match="length must be None or an int >= 1, got 0"):
+    with pytest.raises(fm.ConfigError, match="length must be None or an int >= 1, got 0"):
         PadCollate(length=0)
 
 

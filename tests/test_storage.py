@@ -58,8 +58,8 @@ def test_a_loaded_model_predicts_exactly_like_the_one_saved(tmp_path, text_model
     loaded = load_fullmodel(saved(tmp_path, text_model))
     for params in ({}, {"k": 2}):
         pd.testing.assert_frame_equal(loaded.predict(EXAMPLE_TEXTS, params), text_model.predict(EXAMPLE_TEXTS, params))
-    assert repr(loaded).replace(repr(loaded.preprocess_steps[1]), "") == repr(text_model).replace(
-        repr(text_model.preprocess_steps[1]), ""
+    assert repr(loaded).replace(repr(loaded.preprocess[1]), "") == repr(text_model).replace(
+        repr(text_model.preprocess[1]), ""
     )
 
 
@@ -124,7 +124,7 @@ def test_saving_into_a_non_empty_folder_is_refused_and_leaves_it_alone(tmp_path,
 
 
 def test_a_config_that_cannot_be_saved_is_refused_before_anything_is_written(tmp_path, text_model, scripted_net):
-    bad = fm.FullModel(preprocess=text_model.preprocess_steps, module=scripted_net,
+    bad = fm.FullModel(preprocess=text_model.preprocess, module=scripted_net,
                        postprocess=[TopK(labels=LABELS, softmax=object())])
     with pytest.raises(fm.ConfigError, match=r"postprocess\[0\] TopK, argument 'softmax': a value of type object"):
         save_fullmodel(bad, str(tmp_path / "never"))
@@ -191,8 +191,8 @@ def test_two_models_whose_code_shares_a_module_name_load_and_predict_side_by_sid
     runs = [train("champion", " great superb"), train("challenger", " awful dull dreadful")]
     champion, challenger = (load_fullmodel(folder) for folder, _ in runs)
     assert "processing" not in sys.modules
-    assert champion.preprocess_steps[0]("x") == "x great superb"
-    assert challenger.preprocess_steps[0]("x") == "x awful dull dreadful"
+    assert champion.preprocess[0]("x") == "x great superb"
+    assert challenger.preprocess[0]("x") == "x awful dull dreadful"
     for model, (_, answers) in zip((champion, challenger), runs):
         pd.testing.assert_frame_equal(model.predict(["a film"]), answers)
     assert runs[0][1]["probability"][0] != runs[1][1]["probability"][0]
@@ -353,8 +353,8 @@ def test_two_models_whose_functions_import_modules_of_one_name_each_get_their_ow
 
     champion, challenger = (load_fullmodel(f) for f in (train("first", " great"), train("second", " dull")))
     for _ in range(2):  # and again, once the modules are the models' own
-        assert champion.preprocess_steps[0]("x") == "x great"
-        assert challenger.preprocess_steps[0]("x") == "x dull"
+        assert champion.preprocess[0]("x") == "x great"
+        assert challenger.preprocess[0]("x") == "x dull"
     assert "words" not in sys.modules and "tagging" not in sys.modules
 
 
@@ -371,7 +371,7 @@ def test_a_step_of_the_wrong_kind_for_its_place_is_refused_at_load(tmp_path, tex
 
 def test_the_parity_check_takes_digests_past_what_one_argument_may_hold(tmp_path, text_model):
     folder = saved(tmp_path, text_model)
-    digests = [["0" * 16] * len(text_model.preprocess_steps)] * 20_000  # about 800 KiB of JSON
+    digests = [["0" * 16] * len(text_model.preprocess)] * 20_000  # about 800 KiB of JSON
     check_parity(folder, digests=digests)  # used only to name a step when outputs differ
 
 

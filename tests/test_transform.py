@@ -231,6 +231,19 @@ class TestParam:
         with pytest.raises(fm.ParamError):
             fm.Param(0, minimum=1)
 
+    @pytest.mark.parametrize("build, message", [
+        (lambda: fm.Param("x", minimum=1), r"^Param\('x', minimum=1\): minimum bounds numbers only, and the default "
+                                           r"is a str; limit a str with choices=\[\.\.\.\]\.$"),
+        (lambda: fm.Param("x", maximum=1.5), r"^Param\('x', maximum=1\.5\): maximum bounds numbers only"),
+        (lambda: fm.Param(1, minimum="0"), r"^Param\(1, minimum='0'\): minimum must be a number \(an int or a "
+                                           r"float\), got a str\.$"),
+        (lambda: fm.Param(1.0, maximum=True), r"^Param\(1\.0, maximum=True\): maximum must be a number"),
+        (lambda: fm.Param.from_dict({"default": "a", "minimum": 0}), r"^Param\('a', minimum=0\): minimum bounds"),
+    ])
+    def test_a_bound_that_is_not_a_number_or_bounds_a_str_is_a_config_error(self, build, message):
+        with pytest.raises(fm.ConfigError, match=message):
+            build()
+
     def test_a_non_scalar_default_is_refused(self):
         with pytest.raises(fm.ConfigError, match="Param default must be"):
             fm.Param([1, 2])

@@ -227,20 +227,21 @@ def _plan(model: FullModel) -> _Plan:
     requirements = set(capture.requirements)
     for _, step in model.steps():
         requirements.update(getattr(step, "requirements", ()))
+    owners = {name: label for label, step in model.steps() for name in step.params()}  # on_error: the model's
     plan.spec = {
         "format_version": FORMAT_VERSION,
         "mlflow_fullmodel_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "input_columns": model.input_columns,
         "batch_size": model.batch_size,
-        "preprocess": [steps[f"preprocess[{i}]"] for i in range(len(model.preprocess_steps))],
+        "preprocess": [steps[f"preprocess[{i}]"] for i in range(len(model.preprocess))],
         "collate": steps["collate"],
         "forward": steps["forward"],
-        "postprocess": [steps[f"postprocess[{i}]"] for i in range(len(model.postprocess_steps))],
+        "postprocess": [steps[f"postprocess[{i}]"] for i in range(len(model.postprocess))],
         "modules": {},
         "params": {
-            name: {**param.to_dict(), "type": param.type.__name__, "step": owner}
-            for name, (owner, param) in model._param_owner.items()
+            name: {**param.to_dict(), "type": param.type.__name__, "step": owners.get(name, "model")}
+            for name, param in model.params.items()
         },
         "code": sorted(f"{CODE_DIR}/{p}" for p in plan.code),
         "requirements": sorted(requirements),
@@ -264,7 +265,7 @@ def save_fullmodel(
         raise ConfigError(f"Path '{folder}' already exists and is not empty.")
     try:
         os.makedirs(os.path.join(folder, MODULES_DIR), exist_ok=True)
-        for name, module in model.modules.items():
+        for name, module in model.module.items():
             filename, kind = save_module(module, os.path.join(folder, MODULES_DIR), name)
             plan.spec["modules"][name] = {
                 "file": f"{MODULES_DIR}/{filename}", "format": kind, "methods": method_names(module),

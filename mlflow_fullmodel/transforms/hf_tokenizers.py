@@ -18,6 +18,7 @@ import torch
 from mlflow_fullmodel._checks import is_int
 from mlflow_fullmodel.exceptions import ConfigError, InputError
 from mlflow_fullmodel.transform import Artifact, Transform
+from mlflow_fullmodel.transforms._tokens import NO_TOKENS, check_artifact, check_column, checked_candidates, decoded
 
 __all__ = ["TokenizerDecode", "TokenizerEncode"]
 
@@ -95,7 +96,7 @@ class TokenizerEncode(Transform):
         return_attention_mask: bool = False,
         return_token_type_ids: bool = False,
     ) -> None:
-        _check_file("TokenizerEncode", tokenizer_file)
+        check_artifact("TokenizerEncode", "tokenizer_file", tokenizer_file, "tokenizer.json")
         if not is_int(max_length) or max_length < 1:
             raise ConfigError(f"TokenizerEncode: max_length must be an int >= 1, got {max_length!r}.")
         for name in ("add_special_tokens", "return_attention_mask", "return_token_type_ids"):
@@ -136,9 +137,7 @@ class TokenizerEncode(Transform):
 
     def _finish(self, encoding: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         if 0 not in encoding.special_tokens_mask:
-            # Nothing of the text for the model to read (special tokens at most): an answer would
-            # be noise, so say so.
-            raise InputError("the text has no tokens (it is empty or only whitespace)")
+            raise InputError(NO_TOKENS)  # special tokens at most
         ids = torch.tensor(encoding.ids, dtype=torch.long)
         if not (self.return_attention_mask or self.return_token_type_ids):
             return ids
@@ -194,12 +193,8 @@ class TokenizerDecode(Transform):
     def __init__(
         self, tokenizer_file: Artifact, column: str = "generated_text", skip_special_tokens: bool = True
     ) -> None:
-        _check_file("TokenizerDecode", tokenizer_file)
-        if not isinstance(column, str) or not column or column in ("candidates", "scores"):
-            raise ConfigError(
-                "TokenizerDecode: column must be a non-empty name other than 'candidates' and "
-                f"'scores' (the other output columns), got {column!r}."
-            )
+        check_artifact("TokenizerDecode", "tokenizer_file", tokenizer_file, "tokenizer.json")
+        check_column("TokenizerDecode", column)
         if not isinstance(skip_special_tokens, bool):
             raise ConfigError(
                 f"TokenizerDecode: skip_special_tokens must be True or False, got {skip_special_tokens!r}."
@@ -214,54 +209,20 @@ class TokenizerDecode(Transform):
         return self.batch([candidates])[0]
 
     def batch(self, examples: list[Any], /, **params: Any) -> list[dict[str, Any]]:
-        rows = [self._candidates(candidates) for candidates in examples]
+        rows = [
+            checked_candidates("TokenizerDecode", candidates, self._vocabulary_size, self.tokenizer_file)
+            for candidates in examples
+        ]
         texts = iter(
             self._tokenizer.decode_batch(
                 [ids for candidates in rows for ids, _ in candidates], skip_special_tokens=self.skip_special_tokens
             )
         )
-        answers = []
-        for candidates in rows:
-            decoded = [next(texts) for _ in candidates]
-            scores = [score for _, score in candidates]
-            answers.append({self.column: decoded[0] if decoded else "", "candidates": decoded, "scores": scores})
-        return answers
+        return [decoded(self.column, [next(texts) for _ in candidates], [score for _, score in candidates])
+                for candidates in rows]
 
-    def _candidates(self, candidates: Any) -> list[tuple[list[int], float]]:
-        if not (
-            isinstance(candidates, (list, tuple))
-            and all(
-                isinstance(c, (list, tuple)) and len(c) == 2 and isinstance(c[0], (list, tuple, torch.Tensor))
-                for c in candidates
-            )
-        ):
-            raise ConfigError(
-                "TokenizerDecode expects a list of (token_ids, score) candidates per example, as "
-                f"GreedySearch and BeamSearch return, got {type(candidates).__name__}; use one of them "
-                "as the FullModel's forward strategy."
-            )
-        size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        checked = []
-        for index, (ids, score) in enumerate(candidates):
-            ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
-            outside = [i for i in ids if not 0 <= i < size]
-            if outside:
-                # tokenizers drops unknown ids silently: the text would be wrong without a word.
-                raise ConfigError(
-                    f"TokenizerDecode: candidate {index} has token id(s) {outside[:5]} outside the "
-                    f"vocabulary of {self.tokenizer_file.path!r} ({size} tokens); the module's output "
-                    "vocabulary must be the target tokenizer's."
-                )
-            checked.append((ids, float(score)))
-        return checked
-
-
-def _check_file(step: str, tokenizer_file: Any) -> None:
-    if not isinstance(tokenizer_file, Artifact):
-        raise ConfigError(
-            f"{step}: tokenizer_file must be an Artifact, got {type(tokenizer_file).__name__}; wrap "
-            "the path: Artifact('tokenizer.json')."
-        )
+    def _vocabulary_size(self) -> int:
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
 
 
 def _require_tokenizers(step: str) -> None:

@@ -13,6 +13,7 @@ from mlflow_fullmodel._checks import is_int
 from mlflow_fullmodel.exceptions import ConfigError, InputError
 from mlflow_fullmodel.transform import Artifact, Transform
 from mlflow_fullmodel.transforms._optional import require
+from mlflow_fullmodel.transforms._tokens import NO_TOKENS, check_artifact, check_column, checked_candidates, decoded
 
 #: From this many rows on, one batch call into the encoder pays for its set-up (a thread pool).
 _BATCH_ENCODE_ROWS = 8
@@ -72,14 +73,10 @@ class SentencePieceEncode(_SentencePieceStep):
     def __init__(
         self, model_file: Artifact, max_length: int = 512, add_bos: bool = False, add_eos: bool = False
     ) -> None:
-        if not isinstance(model_file, Artifact):
-            raise TypeError(
-                f"SentencePieceEncode: model_file must be an Artifact, got {type(model_file).__name__}; "
-                "wrap the path: Artifact('spm.model')."
-            )
+        check_artifact("SentencePieceEncode", "model_file", model_file, "spm.model")
         if not is_int(max_length) or max_length < 1 + add_bos + add_eos:
-            raise ValueError(f"SentencePieceEncode: max_length must be an int >= {1 + add_bos + add_eos} (one token "
-                             f"besides the BOS/EOS ids it adds), got {max_length!r}.")
+            raise ConfigError(f"SentencePieceEncode: max_length must be an int >= {1 + add_bos + add_eos} (one token "
+                              f"besides the BOS/EOS ids it adds), got {max_length!r}.")
         require("SentencePieceEncode", "sentencepiece", "sentencepiece", "sentencepiece")
 
     def __call__(self, text: str) -> torch.Tensor:
@@ -112,8 +109,7 @@ class SentencePieceEncode(_SentencePieceStep):
     def _bounded(self, ids: list[int]) -> list[int]:
         """Truncate to ``max_length`` with room for BOS/EOS, and add them."""
         if not ids:
-            # Nothing for the model to read: an answer would be noise, so say so.
-            raise InputError("the text has no tokens (it is empty or only whitespace)")
+            raise InputError(NO_TOKENS)
         processor = self._processor
         room = self.max_length - self.add_bos - self.add_eos
         if len(ids) > room:  # most texts fit: no copy of their ids
@@ -156,45 +152,11 @@ class SentencePieceDecode(_SentencePieceStep):
     column: str
 
     def __init__(self, model_file: Artifact, column: str = "translation") -> None:
-        if not isinstance(model_file, Artifact):
-            raise TypeError(
-                f"SentencePieceDecode: model_file must be an Artifact, got {type(model_file).__name__}; "
-                "wrap the path: Artifact('target.model')."
-            )
-        if not isinstance(column, str) or not column or column in ("candidates", "scores"):
-            raise ValueError(
-                "SentencePieceDecode: column must be a non-empty name other than 'candidates' and "
-                f"'scores' (the other output columns), got {column!r}."
-            )
+        check_artifact("SentencePieceDecode", "model_file", model_file, "target.model")
+        check_column("SentencePieceDecode", column)
         require("SentencePieceDecode", "sentencepiece", "sentencepiece", "sentencepiece")
 
     def __call__(self, candidates: Any) -> dict[str, Any]:
         processor = self._processor
-        texts, scores = [], []
-        for index, candidate in enumerate(self._candidates(candidates)):
-            ids, score = candidate
-            ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-            outside = [i for i in ids if not 0 <= int(i) < processor.get_piece_size()]
-            if outside:
-                # A module whose output vocabulary is not this tokenizer's: the text would be wrong.
-                raise ConfigError(
-                    f"SentencePieceDecode: candidate {index} has token id(s) {outside[:5]} outside the "
-                    f"vocabulary of {self.model_file.path!r} ({processor.get_piece_size()} pieces); the "
-                    "module's output vocabulary must be the target tokenizer's."
-                )
-            texts.append(processor.DecodeIds([int(i) for i in ids]))
-            scores.append(float(score))
-        return {self.column: texts[0] if texts else "", "candidates": texts, "scores": scores}
-
-    @staticmethod
-    def _candidates(candidates: Any) -> list[Any]:
-        if isinstance(candidates, (list, tuple)) and all(
-            isinstance(c, (list, tuple)) and len(c) == 2 and isinstance(c[0], (list, tuple, torch.Tensor))
-            for c in candidates
-        ):
-            return list(candidates)
-        raise ConfigError(
-            "SentencePieceDecode expects a list of (token_ids, score) candidates per example, as "
-            f"GreedySearch and BeamSearch return, got {type(candidates).__name__}; use one of them "
-            "as the FullModel's forward strategy."
-        )
+        checked = checked_candidates("SentencePieceDecode", candidates, processor.get_piece_size, self.model_file)
+        return decoded(self.column, [processor.DecodeIds(ids) for ids, _ in checked], [score for _, score in checked])
