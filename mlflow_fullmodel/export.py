@@ -57,23 +57,25 @@ def export_eager_modules(model: FullModel, inputs: Sequence[Any], params: Mappin
         # A dimension of size 1 is specialised by torch.export: trace with a batch of two.
         examples = examples * 2
     calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    hooks = [_record_first_call(name, model.module[name].eval(), calls) for name in eager]
+    hooks = [_record_first_call(name, model.module[name], calls) for name in eager]
     strategy = model.forward
-    try:
-        with torch.no_grad():  # not inference_mode: torch.export traces from the recorded inputs
-            strategy(model.module, model.collate(examples[: model.batch_size]), torch.device("cpu"),
-                     **{name: values[name] for name in strategy.params()})
-    finally:
-        for hook in hooks:
-            hook.remove()
-    exported = dict(model.module.items())
-    for name in eager:
-        if name not in calls:
-            raise ConfigError(
-                f"Module '{name}' was not called by {type(model.forward).__name__} on the input example, "
-                "so it cannot be exported from it; export it yourself (torch.export.export) or script it (fm.script)."
-            )
-        exported[name] = export_module(name, model.module[name], *calls[name])
+    # Exported in eval mode; the user's network is put back in the mode it was in.
+    with model.module.evaluating():
+        try:
+            with torch.no_grad():  # not inference_mode: torch.export traces from the recorded inputs
+                strategy(model.module, model.collate(examples[: model.batch_size]), torch.device("cpu"),
+                         **{name: values[name] for name in strategy.params()})
+        finally:
+            for hook in hooks:
+                hook.remove()
+        exported = dict(model.module.items())
+        for name in eager:
+            if name not in calls:
+                raise ConfigError(
+                    f"Module '{name}' was not called by {type(model.forward).__name__} on the input example, so "
+                    "it cannot be exported from it; export it yourself (torch.export.export) or script it (fm.script)."
+                )
+            exported[name] = export_module(name, model.module[name], *calls[name])
     programs = model._replace(module=exported)
     _check_one_row(programs, examples[0], values, eager)
     return programs

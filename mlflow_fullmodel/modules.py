@@ -158,6 +158,19 @@ class ModuleSet(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._modules)
 
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The modules in eval mode for a while: those given in training mode (a network still being
+        trained, predicted with in between) are put back in training mode afterwards."""
+        training = [m for m in self._modules.values() if isinstance(m, torch.nn.Module) and m.training]
+        for module in training:
+            module.eval()
+        try:
+            yield
+        finally:
+            for module in training:
+                module.train()
+
     def arguments(self, name: str) -> list[str]:
         if name not in self._arguments:  # parsed once: a strategy asks on every batch
             self._arguments[name] = argument_names(self[name])
@@ -172,11 +185,12 @@ class ModuleSet(Mapping[str, Any]):
             with self._lock:
                 if key not in self._runnable:
                     module = self[name]
-                    # Exported programs are already in inference form; they have no eval().
-                    run = module.module() if isinstance(module, torch.export.ExportedProgram) else module.eval()
+                    # Exported programs are already in inference form. A module as given keeps its mode
+                    # (``evaluating`` switches it around each call); a device copy is ours to keep in eval.
+                    run = module.module() if isinstance(module, torch.export.ExportedProgram) else module
                     if not _all_on(run, device):
                         try:
-                            run = copy.deepcopy(run).to(device)
+                            run = copy.deepcopy(run).to(device).eval()
                         except Exception as error:  # torch says why in its own words, often an assert
                             raise DeviceError(f"Module '{name}' ({self.formats[name]}) cannot be moved to {device}: "
                                               f"{type(error).__name__}: {error}") from error

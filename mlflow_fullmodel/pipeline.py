@@ -358,7 +358,7 @@ class FullModel:
 
     def _forward(self, batch: Batch, params: Mapping[str, Any]) -> Any:
         """Run the forward strategy on ``batch`` on the model's device; outputs come back on CPU."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self.module.evaluating():
             outputs = self.forward(
                 self.module, batch.to(self.device), self.device, **_own(self.forward, params)
             )

@@ -209,3 +209,32 @@ def test_a_recurrent_module_needs_one_padded_length_and_the_error_says_so(tmp_pa
     pd.testing.assert_frame_equal(loaded.predict(EXAMPLE_TEXTS[:1]), model.predict(EXAMPLE_TEXTS[:1]), rtol=1e-5)
     with pytest.raises(fm.InputError, match="pads to length=2; truncate"):
         fm.FullModel(text_model.preprocess, LastState(), collate=fm.PadCollate(length=2)).predict(EXAMPLE_TEXTS)
+
+
+class DroppingBag(BagOfIds):
+    """BagOfIds with dropout before the output layer: training and eval mode answer differently."""
+
+    def __init__(self, vocab_size: int, classes: int) -> None:
+        super().__init__(vocab_size, classes)
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).float()
+        pooled = (self.embedding(ids) * mask[..., None]).sum(1) / lengths[:, None].float()
+        return self.out(self.dropout(pooled))
+
+
+def test_predicting_and_saving_leave_a_network_in_training_mode_as_it_was(text_model, tmp_path):
+    torch.manual_seed(0)
+    net = DroppingBag(vocab_size=64, classes=len(LABELS))
+    net.train()
+    model = fm.FullModel(preprocess=text_model.preprocess, module=net, postprocess=text_model.postprocess)
+    first, second = model.predict(EXAMPLE_TEXTS), model.predict(EXAMPLE_TEXTS)
+    assert net.training and net.dropout.training  # the caller's network, as the caller left it
+    pd.testing.assert_frame_equal(first, second)  # no dropout while predicting
+    net.eval()
+    pd.testing.assert_frame_equal(model.predict(EXAMPLE_TEXTS), first)
+    net.train()
+    fm.save_model(model, str(tmp_path / "model"), input_example=EXAMPLE_TEXTS)
+    assert net.training
+    pd.testing.assert_frame_equal(fm.load_model(str(tmp_path / "model")).predict(EXAMPLE_TEXTS), first)
