@@ -19,7 +19,7 @@ MLFLOW_OLDEST ?= 3.9
 OLD_VENV ?= .venv-mlflow-oldest
 OLD_BIN := $(OLD_VENV)/bin
 
-.PHONY: setup setup-torchvision setup-mlflow-oldest demo typecheck test test-fast test-busy test-torchvision test-mlflow-oldest dist bench clean
+.PHONY: setup setup-torchvision setup-mlflow-oldest demo lint typecheck test test-fast test-busy test-torchvision test-mlflow-oldest dist bench clean
 
 $(BIN)/.installed: requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -53,11 +53,14 @@ setup-mlflow-oldest: $(OLD_BIN)/.installed
 demo: setup  ## train, log, register and serve the examples; send a request; print the answer
 	$(BIN)/python example_projects/demo.py
 
+lint: setup  ## ruff over the package, tests, benchmarks and examples (configured in pyproject.toml)
+	$(BIN)/ruff check mlflow_fullmodel tests benchmarks example_projects
+
 typecheck: setup  ## mypy over the package (configured in setup.cfg)
 	$(BIN)/python -m mypy mlflow_fullmodel
 
 # The torchvision environment (about 7 GB) is built only once the main suite has passed.
-test: setup typecheck  ## type check, then the whole test suite, end-to-end tests included
+test: setup lint typecheck  ## lint and type check, then the whole test suite, end-to-end tests included
 	$(BIN)/python -m pytest
 	$(MAKE) test-mlflow-oldest
 	$(MAKE) test-torchvision

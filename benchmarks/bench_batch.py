@@ -34,7 +34,8 @@ def forward_only(spm: str, net: torch.jit.ScriptModule, rows: list[str], batch_s
     batches = []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
-        batches.append((torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), torch.tensor([len(x) for x in chunk])))
+        padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True)
+        batches.append((padded, torch.tensor([len(x) for x in chunk])))
 
     def run() -> None:
         with torch.inference_mode():
@@ -44,7 +45,9 @@ def forward_only(spm: str, net: torch.jit.ScriptModule, rows: list[str], batch_s
     return run
 
 
-def lean_pipeline(spm: str, net: torch.jit.ScriptModule, rows: list[str], batch_size: int = 32) -> Callable[[], pd.DataFrame]:
+def lean_pipeline(
+    spm: str, net: torch.jit.ScriptModule, rows: list[str], batch_size: int = 32
+) -> Callable[[], pd.DataFrame]:
     """Raw text to labels, written for this one model with nothing but the necessary work: one
     tokenizer call on every core, length-sorted batches padded in numpy, the forward pass, softmax
     and the best label. No checks, no per-row objects, no pyfunc: what the steps themselves cost."""

@@ -104,7 +104,8 @@ class MixedReport:
     def summary(self) -> str:
         p = self.percentile
         return (f"light p50/p99 alone {p(self.light_alone_s, .5) * 1e3:.0f}/{p(self.light_alone_s, .99) * 1e3:.0f} ms, "
-                f"beside heavy requests {p(self.light_mixed_s, .5) * 1e3:.0f}/{p(self.light_mixed_s, .99) * 1e3:.0f} ms "
+                f"beside heavy requests {p(self.light_mixed_s, .5) * 1e3:.0f}/"
+                f"{p(self.light_mixed_s, .99) * 1e3:.0f} ms "
                 f"({p(self.light_mixed_s, .99) / p(self.light_alone_s, .99):.1f}x); heavy requests took "
                 f"{p(self.heavy_s, .5):.1f} s (median), statuses {self.heavy_statuses}; light errors: "
                 f"{len(self.light_errors)}")

@@ -30,6 +30,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 from mlflow_fullmodel.collate import Batch, PadCollate
+from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
 from mlflow_fullmodel.exceptions import (
     CodeCaptureError,
     ConfigError,
@@ -44,7 +45,6 @@ from mlflow_fullmodel.exceptions import (
     ParityError,
     SignatureError,
 )
-from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
 from mlflow_fullmodel.forward import AverageOverSamples, CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import script
 from mlflow_fullmodel.pipeline import FullModel

@@ -70,7 +70,8 @@ def _example_record(facts: dict[str, Any]) -> dict[str, Any]:
 def render_card(facts: dict[str, Any]) -> str:
     """The model card: what the model is, its data path, artifacts, params, signature, golden
     example, and how to call it."""
-    lines = ["# Model card", "", summary(facts), "", f"A picture of the data path is `{PIPELINE_FILE}`, beside this card.",
+    lines = ["# Model card", "", summary(facts), "",
+             f"A picture of the data path is `{PIPELINE_FILE}`, beside this card.",
              "", "## The data path", ""]
     lines += _table(["step", "class", "configuration"], [
         [s["step"], s["target"], ", ".join(f"{k}={config_text(v)}" for k, v in s["config"].items()) or "-"]
@@ -114,7 +115,8 @@ def render_card(facts: dict[str, Any]) -> str:
     request: dict[str, Any] = {"dataframe_records": [_example_record(facts)]}
     if facts["params"]:
         request["params"] = {p["name"]: p["default"] for p in facts["params"]}
-    lines += ["", "## How to call it", "", "Serve it (with MLflow installed; `NAME@ALIAS` is its registered name and alias):", "",
+    lines += ["", "## How to call it", "",
+              "Serve it (with MLflow installed; `NAME@ALIAS` is its registered name and alias):", "",
               "```bash", "mlflow models serve -m models:/NAME@ALIAS --env-manager local -p 5001",
               "curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\",
               f"     -d '{json.dumps(request, ensure_ascii=False)}'", "```", "", "In Python:", "", "```python",

@@ -19,6 +19,9 @@ from mlflow_fullmodel.env_cache import ENV_CACHE_VARIABLE, CachedEnv
 from mlflow_fullmodel.exceptions import FullModelError
 from mlflow_fullmodel.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
 
+ALLOW_BUILDS_HELP = ("With --fresh-env: let pip build source distributions (runs their setup.py); wheels only by "
+                     "default.")
+
 
 @contextmanager
 def _errors_as_messages() -> Iterator[None]:
@@ -49,7 +52,7 @@ def main() -> None:
 @click.option("--fresh-env", is_flag=True,
               help="Also check parity in a new environment built from the model's requirements.txt.")
 @click.option("--allow-builds", is_flag=True,
-              help="With --fresh-env: let pip build source distributions (runs their setup.py); wheels only by default.")
+              help=ALLOW_BUILDS_HELP)
 def verify(model_uri: str, public_key: str | None, fresh_env: bool, allow_builds: bool) -> None:
     """Check a model before serving or promoting it: every file against the digest recorded in the
     registry and against the model's manifest, the spec, the signature (with --public-key), then
@@ -192,9 +195,10 @@ def diff(uri_a: str, uri_b: str, as_json: bool) -> None:
 @click.argument("version", required=False)
 @click.option("--alias", required=True, help="The alias to give the version, e.g. champion.")
 @click.option("--from-alias", default=None, help="Promote the version this alias holds instead of VERSION.")
-@click.option("--fresh-env", is_flag=True, help="Also check parity in an environment built from the model's requirements.")
+@click.option("--fresh-env", is_flag=True,
+              help="Also check parity in an environment built from the model's requirements.")
 @click.option("--allow-builds", is_flag=True,
-              help="With --fresh-env: let pip build source distributions (runs their setup.py); wheels only by default.")
+              help=ALLOW_BUILDS_HELP)
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
               help="Require a signature made with the private half of this PEM public key.")
 def promote(name: str, version: str | None, alias: str, from_alias: str | None, fresh_env: bool,

@@ -104,14 +104,17 @@ def _record_first_call(
     return module.register_forward_pre_hook(record, with_kwargs=True)
 
 
-def export_module(name: str, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
+def export_module(
+    name: str, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``module`` for a call like ``module(*args, **kwargs)``, with every
     tensor dimension dynamic unless the program fixes it. The inputs become positional, in the
     order of the module's ``forward`` arguments (how the forward strategies call a program)."""
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
     except TypeError as error:
-        raise ConfigError(f"Module '{name}' ({type(module).__name__}) was called with arguments its forward does not take: {error}") from None
+        raise ConfigError(f"Module '{name}' ({type(module).__name__}) was called with arguments its forward does "
+                          f"not take: {error}") from None
     positional = tuple(bound.arguments.values())
     dynamic = tuple(pytree.tree_map(_auto_dims, value) for value in positional)
     started = time.perf_counter()

@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import shutil
@@ -74,6 +73,7 @@ from mlflow_fullmodel.registry import record_digest
 from mlflow_fullmodel.serving import ServedModel, serve, set_thread_count
 from mlflow_fullmodel.settings import ServingSettings
 from mlflow_fullmodel.storage import FORMAT_VERSION, load_fullmodel, make_golden, save_fullmodel
+from mlflow_fullmodel.storage.capture import pinned as _pinned
 from mlflow_fullmodel.storage.integrity import Manifest, confined_path, verify_manifest, write_manifest
 
 __all__ = ["FLAVOR_NAME", "get_default_pip_requirements", "load_model", "log_model", "save_model"]
@@ -100,15 +100,6 @@ class _Saved(NamedTuple):
 # and returns only its ModelInfo), so that the digest is recorded from what was written rather than
 # read back from the artifact store.
 _SAVED: ContextVar[list[_Saved] | None] = ContextVar("_SAVED", default=None)
-
-
-def _pinned(distribution: str) -> str:
-    try:
-        version = importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return distribution
-    # Local labels such as torch's "+cpu" are not installable from PyPI.
-    return f"{distribution}=={version.split('+')[0]}"
 
 
 def get_default_pip_requirements() -> list[str]:

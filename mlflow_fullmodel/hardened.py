@@ -130,7 +130,8 @@ def request_values(body: bytes, content_type: str) -> set[str]:
             import pandas as pd
 
             frame = pd.read_parquet(io.BytesIO(body))
-            return {str(c) for c in frame.columns} | {v for column in frame for v in frame[column] if isinstance(v, str)}
+            cells = {v for column in frame for v in frame[column] if isinstance(v, str)}
+            return {str(c) for c in frame.columns} | cells
     except Exception:  # unreadable as its type: fall back to its lines and words between quotes
         pass
     return {line.strip() for line in text.splitlines()} | set(re.findall(r'"([^"\\]{6,})"', text))
@@ -293,7 +294,8 @@ def _first_null(payload: Any, keys: tuple[str, ...] = _ROW_KEYS, names: Iterable
                 rows = [dict(zip(columns, row)) if isinstance(row, list) else row for row in data]
         if isinstance(rows, dict) and key in ("inputs", "instances"):  # columns: {"text": [...]}
             length = max((len(v) for v in rows.values() if isinstance(v, list)), default=0)
-            rows = [{c: v[i] if i < len(v) else None for c, v in rows.items() if isinstance(v, list)} for i in range(length)]
+            rows = [{c: v[i] if i < len(v) else None for c, v in rows.items() if isinstance(v, list)}
+                    for i in range(length)]
         if key not in keys or not isinstance(rows, list):
             continue
         for index, row in enumerate(rows):

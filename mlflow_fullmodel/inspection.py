@@ -75,7 +75,8 @@ def config_text(value: Any) -> str:
             extras = "".join(f", {k}={v!r}" for k, v in spec.items() if k != "default")
             return f"Param({spec['default']!r}{extras})"
         if set(value) == {_TUPLE}:
-            return "(" + ", ".join(config_text(v) for v in value[_TUPLE]) + ("," if len(value[_TUPLE]) == 1 else "") + ")"
+            items = [config_text(v) for v in value[_TUPLE]]
+            return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
         return "{" + ", ".join(f"{k!r}: {config_text(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
         return "[" + ", ".join(config_text(v) for v in value) + "]"

@@ -145,7 +145,10 @@ def _config(step: dict[str, Any]) -> str:
 
 def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = old["config"], new["config"]
-    return [f"{key} {config_text(a[key]) if key in a else '(unset)'} -> {config_text(b[key]) if key in b else '(unset)'}"
+    def shown(values: dict[str, Any], key: str) -> str:
+        return config_text(values[key]) if key in values else "(unset)"
+
+    return [f"{key} {shown(a, key)} -> {shown(b, key)}"
             for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
@@ -306,7 +309,8 @@ def _code_diff(a: dict[str, str], b: dict[str, str]) -> str:
         if a.get(path) != b.get(path):
             lines += difflib.unified_diff(
                 (a.get(path) or "").splitlines(keepends=True), (b.get(path) or "").splitlines(keepends=True),
-                fromfile=f"a/code/{path}" if path in a else "/dev/null", tofile=f"b/code/{path}" if path in b else "/dev/null",
+                fromfile=f"a/code/{path}" if path in a else "/dev/null",
+                tofile=f"b/code/{path}" if path in b else "/dev/null",
             )
     return "".join(lines)
 

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from mlflow_fullmodel._hashing import hash_tensor
 from mlflow_fullmodel.exceptions import FullModelError, ParityError
 from mlflow_fullmodel.pipeline import FullModel, records_frame
 from mlflow_fullmodel.storage import load_fullmodel, read_golden
@@ -78,8 +79,7 @@ def _digest(value: Any) -> str:
 
     def feed(v: Any) -> None:
         if isinstance(v, torch.Tensor):
-            digest.update(str((v.dtype, tuple(v.shape))).encode())
-            digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+            hash_tensor(digest, v)
         elif isinstance(v, dict):
             for k in v:
                 digest.update(repr(k).encode())
@@ -128,7 +128,9 @@ def _close(want: Any, got: Any) -> bool:
     return type(want) is type(got) and want == got
 
 
-def batch_invariance_problems(model: FullModel, inputs: Sequence[Any], params: Mapping[str, Any] | None = None) -> list[str]:
+def batch_invariance_problems(
+    model: FullModel, inputs: Sequence[Any], params: Mapping[str, Any] | None = None
+) -> list[str]:
     """Where ``model`` answers a row differently alone and inside a batch; empty if nowhere.
 
     Each row is answered on its own (a batch of one), then all rows together in reverse order in

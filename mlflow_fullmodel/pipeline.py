@@ -175,7 +175,8 @@ class FullModel:
 
     def _replace(self, **changes: Any) -> FullModel:
         """A new FullModel with the same configuration except ``changes`` (constructor arguments)."""
-        config = dict(preprocess=self.preprocess, module=self.module, postprocess=self.postprocess, forward=self.forward,
+        config = dict(preprocess=self.preprocess, module=self.module, postprocess=self.postprocess,
+                      forward=self.forward,
                       collate=self.collate, input_columns=self.input_columns, batch_size=self.batch_size,
                       device=self.device)
         return FullModel(**{**config, **changes})
@@ -465,12 +466,15 @@ def _missing(row: int, column: str, errors: dict[int, str] | None) -> None:
     errors.setdefault(row, message)
 
 
-def _with_errors(records: list[dict[str, Any]], ids: list[int], errors: dict[int, str], rows: int) -> list[dict[str, Any]]:
+def _with_errors(
+    records: list[dict[str, Any]], ids: list[int], errors: dict[int, str], rows: int
+) -> list[dict[str, Any]]:
     """Every row in input order: answers with ``error`` None, failed rows with nulls and their error."""
     answered = dict(zip(ids, records))
     columns = list(records[0]) if records else []
     return [
-        {**answered[row], ERROR_COLUMN: None} if row in answered else {**dict.fromkeys(columns), ERROR_COLUMN: errors[row]}
+        {**answered[row], ERROR_COLUMN: None} if row in answered
+        else {**dict.fromkeys(columns), ERROR_COLUMN: errors[row]}
         for row in range(rows)
     ]
 

@@ -85,7 +85,8 @@ def recorded_digest(model_uri: str) -> Record | None:
         where = f"model version {version.name}/{version.version}"
         if DIGEST_TAG in version.tags:
             manifest_text = version.tags.get(MANIFEST_TAG)
-            manifest = Manifest.from_json(manifest_text, f"the {MANIFEST_TAG} tag of {where}") if manifest_text else None
+            manifest = (Manifest.from_json(manifest_text, f"the {MANIFEST_TAG} tag of {where}") if manifest_text
+                        else None)
             return Record(version.tags[DIGEST_TAG], where, manifest)
         # Over REST a version names its logged model only in its source, models:/<model_id>.
         model_id = getattr(version, "model_id", None) or (

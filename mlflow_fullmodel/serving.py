@@ -75,10 +75,12 @@ class RequestLimits:
         raise ``InputError`` naming the limit, the value and how to raise it."""
         rows = len(data) if isinstance(data, (pd.DataFrame, list, tuple)) else None
         if rows is not None and rows > self.max_rows:
-            raise InputError(_over("max_rows", self.max_rows, f"the request has {rows} rows", "send fewer rows per request"))
+            raise InputError(_over("max_rows", self.max_rows, f"the request has {rows} rows",
+                                   "send fewer rows per request"))
         if rows is not None and rows * samples_per_row > self.max_samples:
             raise InputError(_over("max_samples", self.max_samples,
-                                   f"the request makes {rows} rows x {samples_per_row} samples = {rows * samples_per_row} "
+                                   f"the request makes {rows} rows x {samples_per_row} samples = "
+                                   f"{rows * samples_per_row} "
                                    "samples", "send fewer rows, or fewer samples per row (a smaller tta)"))
         samples = (rows or 0) * samples_per_row
         if not isinstance(data, pd.DataFrame):
@@ -103,7 +105,8 @@ class RequestLimits:
                 else:
                     continue
                 if size > self.max_bytes:
-                    raise InputError(_over("max_bytes", self.max_bytes, f"row {row}, column '{column}' holds {size} bytes",
+                    raise InputError(_over("max_bytes", self.max_bytes,
+                                           f"row {row}, column '{column}' holds {size} bytes",
                                            "send smaller files"))
         return samples
 
@@ -203,7 +206,8 @@ class ServedModel:
                                DEADLINE_EXCEEDED) from None
         except ModelError as error:
             _logger.error("Model error in %s", error.step, exc_info=error)
-            raise ServingError(f"Model error (not caused by the request) in {error.step}: {error}", INTERNAL_ERROR) from None
+            raise ServingError(f"Model error (not caused by the request) in {error.step}: {error}",
+                               INTERNAL_ERROR) from None
         except Exception as error:  # a bug of the model's own: its traceback goes to the log only
             _logger.error("Model error", exc_info=error)
             raise ServingError(f"Model error (not caused by the request): {brief(error)}", INTERNAL_ERROR) from None

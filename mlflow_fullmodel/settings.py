@@ -80,7 +80,8 @@ class ServingSettings:
         names = cls.names()
         unknown = sorted(set(given) - set(names))
         if unknown:
-            raise ConfigError(f"Unknown model_config key(s) {unknown} for a fullmodel model; valid keys: {list(names)}.")
+            raise ConfigError(f"Unknown model_config key(s) {unknown} for a fullmodel model; "
+                              f"valid keys: {list(names)}.")
         values = {}
         for spec in dataclasses.fields(cls):
             if spec.name in given:

@@ -76,4 +76,5 @@ def verify_signature(folder: str, public_key: str) -> None:
             .verify(folder, signature)
         )
     except ValueError as error:
-        raise SignatureError(f"The signature of the model {folder} does not verify with {public_key}: {error}") from None
+        raise SignatureError(f"The signature of the model {folder} does not verify with {public_key}: "
+                             f"{error}") from None

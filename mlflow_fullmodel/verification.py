@@ -135,7 +135,8 @@ def _run_checks(report: Verification, actual: Manifest, public_key: str | None, 
     report.checks.append("spec")
     if parity:
         if read_golden(folder) is None:
-            raise ModelFormatError(f"{model_uri} has no golden example to check (it was saved with check_parity=False).")
+            raise ModelFormatError(f"{model_uri} has no golden example to check (it was saved with "
+                                   "check_parity=False).")
         check_parity_of(path)
         report.checks.append("parity")
     if fresh_env:

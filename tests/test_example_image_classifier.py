@@ -14,9 +14,9 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
+from images import b64, claimed_size_png, png
 from servers import serve, stop
 from support import train_example
-from images import b64, claimed_size_png, png
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.parity import ABS_TOL, REL_TOL

@@ -51,8 +51,8 @@ def example() -> Iterator[dict[str, ModuleType]]:
     sys.path.insert(0, str(EXAMPLE))
     try:
         import digits
-        import tv_processing
         import train
+        import tv_processing
 
         yield {"train": train, "digits": digits, "tv": tv_processing}
     finally:

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from support import EXAMPLE_TEXTS
 from sample_steps import LABELS, BagOfIds
+from support import EXAMPLE_TEXTS
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.modules import ModuleSet

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import requests
 import torch
-from servers import free_port, server_log, start, stop, wait_for
-from support import HF_SPECIAL_TOKENS
 from contract import plain_config
 from sample_steps import LABELS, corpus
+from servers import free_port, server_log, start, stop, wait_for
+from support import HF_SPECIAL_TOKENS
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.collate import PadCollate

@@ -14,10 +14,10 @@ from typing import Any
 import pandas as pd
 import pytest
 import requests
-from servers import free_port, serve, start, stop, wait_for
-from support import IMAGE_EXAMPLE, TEXT_EXAMPLE
 from images import b64, claimed_size_png, encoded, png
 from PIL import Image
+from servers import free_port, serve, start, stop, wait_for
+from support import IMAGE_EXAMPLE, TEXT_EXAMPLE
 
 import mlflow_fullmodel as fm
 

@@ -12,9 +12,9 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
-from support import EXAMPLE_TEXTS
 from mlflow.exceptions import MlflowException
 from sample_steps import LABELS, Normalize
+from support import EXAMPLE_TEXTS
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.serving import serve

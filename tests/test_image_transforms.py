@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from contract import round_trip
 from PIL import Image
 
 import mlflow_fullmodel as fm
@@ -22,15 +23,14 @@ from mlflow_fullmodel.forward import AverageOverSamples
 from mlflow_fullmodel.modules import ModuleSet
 from mlflow_fullmodel.parity import ABS_TOL, REL_TOL
 from mlflow_fullmodel.storage import load_fullmodel, save_fullmodel
-from contract import round_trip
 from mlflow_fullmodel.transforms import (
     CenterCrop,
     DecodeImage,
     NormalizeImage,
     RandomCrops,
     Resize,
-    ToTensor,
     TopK,
+    ToTensor,
 )
 
 RNG = np.random.default_rng(0)

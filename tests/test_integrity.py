@@ -14,11 +14,11 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-from support import EXAMPLE_TEXTS
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from sample_steps import LABELS
+from support import EXAMPLE_TEXTS
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.cli import main

@@ -13,8 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-from support import EXAMPLE_TEXTS
 from sample_steps import LABELS
+from support import EXAMPLE_TEXTS
 from test_integrity import artifact_folder, edit_spec
 
 import mlflow_fullmodel as fm

@@ -4,8 +4,8 @@ admitted up to their bound and release their slot whatever happens."""
 
 from __future__ import annotations
 
-import dataclasses
 import base64
+import dataclasses
 
 import pandas as pd
 import pytest

@@ -9,10 +9,10 @@ import json
 
 import pytest
 import requests
-from servers import serve, stop
-from support import IMAGE_EXAMPLE
 from images import b64, claimed_size_png, png
 from sample_steps import corpus
+from servers import serve, stop
+from support import IMAGE_EXAMPLE
 
 from benchmarks.load_test import MixedReport, group_rss_bytes, image_bodies, run_load, run_mixed
 

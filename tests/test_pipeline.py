@@ -7,8 +7,8 @@ import threading
 import pandas as pd
 import pytest
 import torch
-from support import EXAMPLE_TEXTS
 from sample_steps import LABELS, Normalize, Repeat
+from support import EXAMPLE_TEXTS
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.collate import PadCollate, uncollate

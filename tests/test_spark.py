@@ -14,8 +14,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from support import EXAMPLE_TEXTS
 from sample_steps import corpus
+from support import EXAMPLE_TEXTS
 
 from mlflow_fullmodel.parity import ABS_TOL, REL_TOL
 

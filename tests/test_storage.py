@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from support import EXAMPLE_TEXTS
 from sample_steps import LABELS
+from support import EXAMPLE_TEXTS
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.parity import check_parity, preprocess_digests

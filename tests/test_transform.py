@@ -21,8 +21,8 @@ from mlflow_fullmodel.transforms import (
     SentencePieceEncode,
     TokenizerDecode,
     TokenizerEncode,
-    ToTensor,
     TopK,
+    ToTensor,
 )
 
 

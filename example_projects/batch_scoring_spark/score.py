@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scored = nulls_for_failed_rows(table.withColumn("answer", score(*inputs)), "answer")
         scored.write.mode("overwrite").parquet(args.output)
         written = spark.read.parquet(args.output)
-        summary = {"rows": written.count(), "errors": written.filter("error IS NOT NULL").count(), "output": args.output}
+        errors = written.filter("error IS NOT NULL").count()
+        summary = {"rows": written.count(), "errors": errors, "output": args.output}
     finally:
         spark.stop()
     print(f"scored {summary['rows']} rows ({summary['errors']} with an error) into {summary['output']}")

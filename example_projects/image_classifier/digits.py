@@ -62,7 +62,10 @@ def split(
     random.Random(seed + 1).shuffle(order)
     cut = len(order) - max(1, int(round(len(order) * validation_fraction)))
     train, val = order[:cut], order[cut:]
-    return ([images[i] for i in train], [labels[i] for i in train]), ([images[i] for i in val], [labels[i] for i in val])
+    def pick(indices: list[int]) -> tuple[list[bytes], list[str]]:
+        return [images[i] for i in indices], [labels[i] for i in indices]
+
+    return pick(train), pick(val)
 
 
 if __name__ == "__main__":

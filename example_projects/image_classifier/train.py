@@ -34,12 +34,13 @@ from typing import Any
 
 import mlflow
 import torch
+from digits import LABELS, load_pngs, split
 from mlflow import MlflowClient
+from network import DigitCNN
 from torch import nn
 from tqdm import tqdm
 
 import mlflow_fullmodel as fm
-from digits import LABELS, load_pngs, split
 from mlflow_fullmodel.forward import AverageOverSamples, CallModule
 from mlflow_fullmodel.transforms import (
     CenterCrop,
@@ -47,10 +48,9 @@ from mlflow_fullmodel.transforms import (
     NormalizeImage,
     RandomCrops,
     Resize,
-    ToTensor,
     TopK,
+    ToTensor,
 )
-from network import DigitCNN
 
 _logger = logging.getLogger("image_classifier")
 
@@ -260,7 +260,8 @@ def fit(
         train_loss = total / len(targets)
         val_accuracy = accuracy(net, *val)
         mlflow.log_metrics({"train_loss": train_loss, "val_accuracy": val_accuracy}, step=epoch)
-        _logger.info("epoch %d/%d: train loss %.4f, validation accuracy %.3f", epoch, args.epochs, train_loss, val_accuracy)
+        _logger.info("epoch %d/%d: train loss %.4f, validation accuracy %.3f", epoch, args.epochs, train_loss,
+                     val_accuracy)
     return val_accuracy
 
 
@@ -285,7 +286,8 @@ def train_variant(
     with mlflow.start_run(run_name=variant) as run:
         started = time.perf_counter()
         mlflow.log_params({
-            "variant": variant, "preprocessing": args.preprocessing, "num_train": len(train[0]), "num_validation": len(val[0]),
+            "variant": variant, "preprocessing": args.preprocessing, "num_train": len(train[0]),
+            "num_validation": len(val[0]),
             "render_size": args.render_size, "image_size": args.image_size, "crop_size": args.crop_size,
             "tta": args.tta if variant == "tta" else 1, "normalize_mean": mean, "normalize_std": std,
             "width": args.width, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -334,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     Returns:
         ``variants``: for ``"center"`` and ``"tta"``, a dict with ``run_id``, ``model_uri``,
         ``version`` (None without registration), ``alias``, ``val_accuracy``, ``train_seconds``
-        and ``model`` (the ``FullModel`` as logged, in memory); ``registered_model_uri`` (``models:/<name>@<alias>``, the tta
+        and ``model`` (the ``FullModel`` as logged, in memory); ``registered_model_uri``
+        (``models:/<name>@<alias>``, the tta
         version; None without registration); ``labels``; ``mean`` and ``std`` (the normalisation
         statistics of the training split); ``tracking_uri``.
     """

@@ -83,7 +83,9 @@ class Resize(fm.Transform):
         max_pixels: The largest result (height x width) made; a larger one is an ``InputError``.
     """
 
-    def __init__(self, size: int | list[int], interpolation: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, size: int | list[int], interpolation: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         _check_size("Resize", size)
         if interpolation not in _INTERPOLATIONS:
             raise ConfigError(f"Resize: interpolation must be one of {list(_INTERPOLATIONS)}, got {interpolation!r}.")

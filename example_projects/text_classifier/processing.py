@@ -11,8 +11,9 @@ the transform keeps no other public state.
 
 from __future__ import annotations
 
-import mlflow_fullmodel as fm
 from text_utils import collapse_whitespace, fold_unicode, strip_punctuation
+
+import mlflow_fullmodel as fm
 
 __all__ = ["Normalize"]
 

@@ -27,15 +27,15 @@ from typing import Any
 import mlflow
 import sentencepiece
 import torch
+from data import LABELS, DataError, read_csv, split, synthetic_reviews
 from mlflow import MlflowClient
+from model import TextClassifier
+from processing import Normalize
 from torch import nn
 from tqdm import tqdm
 
 import mlflow_fullmodel as fm
-from data import LABELS, DataError, read_csv, split, synthetic_reviews
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
-from model import TextClassifier
-from processing import Normalize
 
 _logger = logging.getLogger("text_classifier")
 

@@ -28,16 +28,16 @@ from typing import Any
 import mlflow
 import sentencepiece
 import torch
+from data import parallel_corpus, split
 from mlflow import MlflowClient
+from model import Translator, entry_points
+from processing import NormalizeNumber
 from torch import nn
 from tqdm import tqdm
 
 import mlflow_fullmodel as fm
-from data import parallel_corpus, split
 from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
 from mlflow_fullmodel.transforms import SentencePieceDecode, SentencePieceEncode
-from model import Translator, entry_points
-from processing import NormalizeNumber
 
 _logger = logging.getLogger("translator")
 

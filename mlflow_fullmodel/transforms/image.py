@@ -110,7 +110,8 @@ class DecodeImage(Transform):
             image = Image.open(io.BytesIO(raw))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             # Pillow's own limit (Image.MAX_IMAGE_PIXELS) fired first, at the header.
-            raise InputError(f"the image is too large: {error} The limit here is max_pixels={self.max_pixels}.") from None
+            raise InputError(f"the image is too large: {error} The limit here is max_pixels={self.max_pixels}.") \
+                from None
         except UnidentifiedImageError:
             # Pillow's message, "cannot identify image file <_io.BytesIO object at 0x...>", adds nothing.
             raise InputError(_not_an_image(raw, "")) from None
@@ -233,7 +234,9 @@ class Resize(Transform):
     interpolation: str
     max_pixels: int
 
-    def __init__(self, size: int | list[int], interpolation: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, size: int | list[int], interpolation: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         _check_size("Resize", size)
         if not is_int(max_pixels) or max_pixels < 1:
             raise ConfigError(f"Resize: max_pixels must be a positive int, got {max_pixels!r}.")
@@ -460,7 +463,8 @@ class NormalizeImage(Transform):
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if not isinstance(image, torch.Tensor) or image.dim() < 3 or not image.is_floating_point():
-            got = f"a {image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
+            got = (f"a {image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor)
+                   else type(image).__name__)
             raise InputError(f"expected a float image tensor (..., C, H, W), got {got}; put ToTensor() before it.")
         channels = image.shape[-3]
         if channels != len(self.mean):
