@@ -237,7 +237,7 @@ class TestTokenizerEncode:
     def test_without_the_tokenizers_package_the_error_names_the_install(self, hf_tokenizer_path, monkeypatch):
         monkeypatch.setitem(sys.modules, "tokenizers", None)
         for step in (TokenizerEncode, TokenizerDecode):
-            with pytest.raises(fm.ConfigError, match=r"needs the Hugging Face tokenizers package.*pip install tok"):
+            with pytest.raises(fm.ConfigError, match=r"needs the tokenizers package.*pip install tok"):
                 step(fm.Artifact(hf_tokenizer_path))
 
 

@@ -9,7 +9,6 @@ The file is readable JSON, saved in the model as an ``Artifact`` and loaded from
 
 from __future__ import annotations
 
-import importlib.util
 from functools import cached_property
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from mlflow_fullmodel._checks import is_int
 from mlflow_fullmodel.exceptions import ConfigError, InputError
 from mlflow_fullmodel.transform import Artifact, Transform
+from mlflow_fullmodel.transforms._optional import require
 from mlflow_fullmodel.transforms._tokens import NO_TOKENS, check_artifact, check_column, checked_candidates, decoded
 
 __all__ = ["TokenizerDecode", "TokenizerEncode"]
@@ -106,7 +106,7 @@ class TokenizerEncode(Transform):
             raise ConfigError(
                 f"TokenizerEncode: truncation_side must be 'right' or 'left', got {truncation_side!r}."
             )
-        _require_tokenizers("TokenizerEncode")
+        require("TokenizerEncode", "tokenizers", "tokenizers", "hf")
 
     @cached_property
     def _tokenizer(self) -> Any:
@@ -199,7 +199,7 @@ class TokenizerDecode(Transform):
             raise ConfigError(
                 f"TokenizerDecode: skip_special_tokens must be True or False, got {skip_special_tokens!r}."
             )
-        _require_tokenizers("TokenizerDecode")
+        require("TokenizerDecode", "tokenizers", "tokenizers", "hf")
 
     @cached_property
     def _tokenizer(self) -> Any:
@@ -223,16 +223,6 @@ class TokenizerDecode(Transform):
 
     def _vocabulary_size(self) -> int:
         return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
-
-
-def _require_tokenizers(step: str) -> None:
-    # Checked when the step is built (also when a saved model is loaded), so a missing package is
-    # named at once rather than at the first request.
-    if importlib.util.find_spec("tokenizers") is None:
-        raise ConfigError(
-            f"{step} needs the Hugging Face tokenizers package, which is not installed: "
-            "pip install tokenizers (or pip install 'mlflow-fullmodel[hf]')."
-        )
 
 
 def _load(step: str, artifact: Artifact) -> Any:
