@@ -61,3 +61,20 @@ def tracking_uri(uri: str, experiment: str = "tests") -> Iterator[None]:
         mlflow.set_registry_uri(before[2])
         if before[3] is not None:
             mlflow.set_experiment(experiment_id=before[3])
+
+
+def signing_keys(folder: Path) -> dict[str, str]:
+    """Two elliptic-curve key pairs, "signer" and "other", as PEM files in ``folder``: the private
+    key's path under its name, the public key's under ``name + ".pub"``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    paths = {}
+    for name in ("signer", "other"):
+        private = ec.generate_private_key(ec.SECP256R1())
+        (folder / f"{name}.pem").write_bytes(private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (folder / f"{name}.pub").write_bytes(private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        paths[name], paths[f"{name}.pub"] = str(folder / f"{name}.pem"), str(folder / f"{name}.pub")
+    return paths

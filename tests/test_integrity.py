@@ -14,11 +14,9 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from sample_steps import LABELS
-from support import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS, signing_keys
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.cli import main
@@ -289,16 +287,7 @@ def test_verify_catches_a_registered_version_rewritten_consistently_in_the_artif
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("keys")
-    paths = {}
-    for name in ("signer", "other"):
-        private = ec.generate_private_key(ec.SECP256R1())
-        (folder / f"{name}.pem").write_bytes(private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        (folder / f"{name}.pub").write_bytes(private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        paths[name], paths[f"{name}.pub"] = str(folder / f"{name}.pem"), str(folder / f"{name}.pub")
-    return paths
+    return signing_keys(tmp_path_factory.mktemp("keys"))
 
 
 def test_a_signed_model_verifies_with_its_key_and_fails_with_another_or_unsigned(copy, keys):

@@ -9,9 +9,7 @@ from contextlib import contextmanager
 
 import mlflow
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from support import EXAMPLE_TEXTS
+from support import EXAMPLE_TEXTS, signing_keys
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.lifecycle import VERIFICATION_TAG, promote
@@ -36,16 +34,7 @@ def logged(tracking, text_model) -> dict[str, mlflow.models.model.ModelInfo]:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("gate-keys")
-    paths = {}
-    for name in ("signer", "other"):
-        private = ec.generate_private_key(ec.SECP256R1())
-        (folder / f"{name}.pem").write_bytes(private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        (folder / f"{name}.pub").write_bytes(private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        paths[name], paths[f"{name}.pub"] = str(folder / f"{name}.pem"), str(folder / f"{name}.pub")
-    return paths
+    return signing_keys(tmp_path_factory.mktemp("gate-keys"))
 
 
 @contextmanager
