@@ -24,7 +24,14 @@ import mlflow_fullmodel as fm
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
 
 
+#: A tracking store of the run's own for the tests that use no other: MLflow's default,
+#: sqlite:///mlflow.db in the working directory, would put a store in the checkout, whose schema
+#: is the first MLflow's to write it (the oldest supported MLflow then refuses it).
+_SESSION_STORE = tempfile.mkdtemp(prefix="fullmodel-tests-store-")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_SESSION_STORE}/mlflow.db")
     # A server's worker orphaned by a crash is adopted by this process, so the check at the end finds it.
     become_subreaper()
     # A run stopped with SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: fixtures stop their servers.
@@ -47,6 +54,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     fixture; it is stopped here, and the run fails naming it."""
     stop_all()
     _stop_resource_tracker()
+    shutil.rmtree(_SESSION_STORE, ignore_errors=True)
     left = leftover_processes()
     if not left:
         return
