@@ -23,7 +23,6 @@ from support import EXAMPLE_TEXTS, HF_SPECIAL_TOKENS, IMAGE_EXAMPLE, TEXT_EXAMPL
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
 
-
 #: A tracking store of the run's own for the tests that use no other: MLflow's default,
 #: sqlite:///mlflow.db in the working directory, would put a store in the checkout, whose schema
 #: is the first MLflow's to write it (the oldest supported MLflow then refuses it).
