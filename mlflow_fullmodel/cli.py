@@ -25,7 +25,8 @@ ALLOW_BUILDS_HELP = ("With --fresh-env: let pip build source distributions (runs
 
 @contextmanager
 def _errors_as_messages() -> Iterator[None]:
-    """Our errors and MLflow's (a missing version, an unreachable server) as one line, no traceback."""
+    """Our errors and MLflow's (a missing version, an unreachable server, a folder that is no model:
+    some MLflow versions raise OSError for it) as one line, no traceback."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -34,6 +35,8 @@ def _errors_as_messages() -> Iterator[None]:
         raise click.ClickException(str(error)) from None
     except MlflowException as error:
         raise click.ClickException(error.message) from None
+    except OSError as error:
+        raise click.ClickException(str(error)) from None
 
 
 @click.group()
