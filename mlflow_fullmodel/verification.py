@@ -122,7 +122,9 @@ def _run_checks(report: Verification, actual: Manifest, public_key: str | None, 
     if record is not None:
         _check_record(model_uri, record, actual)
         report.checks.append(f"digest recorded in {record.source}")
-    verify_manifest(path, strict=True)
+    # Hashed once (``actual``): the manifest check and the spec check reuse it; files read later
+    # are checked against it as they are read.
+    manifest = verify_manifest(path, strict=True, actual=actual)
     report.checks.append("manifest")
     # Before anything of the model is read as more than bytes: the spec check below imports its
     # captured code, which must not run unless it is the code that was signed.
@@ -131,7 +133,7 @@ def _run_checks(report: Verification, actual: Manifest, public_key: str | None, 
         report.checks.append("signature")
     flavor = flavor_configuration(path)
     folder = os.path.join(path, flavor["data"])
-    load_fullmodel(folder, root=path)  # the spec's paths and step targets, by this runtime's rules
+    load_fullmodel(folder, root=path, manifest=manifest)  # the spec's paths and step targets, by this runtime's rules
     report.checks.append("spec")
     if parity:
         if read_golden(folder) is None:

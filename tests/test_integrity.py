@@ -357,3 +357,18 @@ def test_a_model_that_fails_its_checks_leaves_torchs_threads_as_they_were(copy):
     with pytest.raises(mlflow.exceptions.MlflowException, match="changed since saving"):
         mlflow.pyfunc.load_model(str(copy), model_config={"num_threads": wanted})
     assert torch.get_num_threads() == threads
+
+
+def test_verify_hashes_the_model_once_in_its_own_process(copy, monkeypatch):
+    from mlflow_fullmodel.storage import integrity
+
+    hashed: list[str] = []
+    of_folder = integrity.Manifest.of_folder.__func__
+
+    def counted(cls, root, **kwargs):
+        hashed.append(root)
+        return of_folder(cls, root, **kwargs)
+
+    monkeypatch.setattr(integrity.Manifest, "of_folder", classmethod(counted))
+    assert verify_model(str(copy), parity=False).checks == ["manifest", "spec"]
+    assert hashed == [str(copy)]  # the manifest check and the spec check share one hashing of the files

@@ -201,18 +201,20 @@ def read_manifest(root: str) -> Manifest:
         return Manifest.from_json(f.read(), path)
 
 
-def verify_manifest(root: str, *, strict: bool = False) -> Manifest:
+def verify_manifest(root: str, *, strict: bool = False, actual: Manifest | None = None) -> Manifest:
     """Check every file under ``root`` against its manifest and return the manifest.
 
     Args:
         root: The model folder.
         strict: Also refuse ``__pycache__`` folders (a verification of downloaded files, not a load).
+        actual: The folder's hashes, already computed by the caller as ``strict`` asks: a large
+            model is then not hashed again.
 
     Raises:
         IntegrityError: Naming every file that is changed, missing or not part of the model.
     """
     expected = read_manifest(root)
-    problems = expected.differences(Manifest.of_folder(root, skip_bytecode=not strict))
+    problems = expected.differences(actual or Manifest.of_folder(root, skip_bytecode=not strict))
     if problems:
         raise IntegrityError(
             f"The model folder {root} does not match the sha256 hashes of its {MANIFEST_FILE}; "
