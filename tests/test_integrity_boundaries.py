@@ -18,7 +18,7 @@ from support import EXAMPLE_TEXTS
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.registry import Record
 from mlflow_fullmodel.storage import load_fullmodel, save_fullmodel
-from mlflow_fullmodel.storage.folder import _VerifiedFiles
+from mlflow_fullmodel.storage.folder import VerifiedFiles
 from mlflow_fullmodel.storage.imports import import_steps
 from mlflow_fullmodel.storage.integrity import (
     MANIFEST_FILE,
@@ -98,7 +98,7 @@ def test_a_byte_changed_after_the_manifest_was_checked_is_caught_when_the_file_i
 def test_an_artifact_of_a_loaded_model_carries_its_hash_and_a_folder_artifact_none(tmp_path):
     root = write(tmp_path, {"artifacts/spm.model": "spm", "artifacts/lexicon/a.txt": "a",
                             "artifacts/lexicon/b.txt": "b"})
-    files = _VerifiedFiles(str(root), "", {"artifacts/spm.model": sha(b"spm"), "artifacts/lexicon/a.txt": sha(b"a"),
+    files = VerifiedFiles(str(root), "", {"artifacts/spm.model": sha(b"spm"), "artifacts/lexicon/a.txt": sha(b"a"),
                                            "artifacts/lexicon/b.txt": sha(b"b")})
     artifact = files.artifact("artifacts/spm.model", "step")
     assert (artifact.path, artifact.sha256) == (str(root / "artifacts" / "spm.model"), sha(b"spm"))
@@ -115,7 +115,7 @@ def test_an_artifact_of_a_loaded_model_carries_its_hash_and_a_folder_artifact_no
 
 def test_the_files_of_a_model_folder_inside_the_root_are_looked_up_under_its_prefix(tmp_path):
     root = write(tmp_path, {"fullmodel/spec.json": "{}", "spec.json": "other"})
-    files = _VerifiedFiles(str(root), "fullmodel/", {"fullmodel/spec.json": sha(b"{}"), "spec.json": sha(b"other")})
+    files = VerifiedFiles(str(root), "fullmodel/", {"fullmodel/spec.json": sha(b"{}"), "spec.json": sha(b"other")})
     assert files.read("spec.json", "the spec") == b"{}"
     assert files.path("spec.json", "the spec") == os.path.join(str(root), "fullmodel", "spec.json")
 

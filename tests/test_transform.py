@@ -10,7 +10,7 @@ import mlflow_fullmodel as fm
 from mlflow_fullmodel.collate import PadCollate
 from mlflow_fullmodel.forward import CallModule
 from mlflow_fullmodel.pipeline import apply_step
-from mlflow_fullmodel.storage.folder import _encode_config, _Plan
+from mlflow_fullmodel.storage.folder import encoded_config
 from mlflow_fullmodel.transforms import (
     CenterCrop,
     DecodeImage,
@@ -151,25 +151,25 @@ def test_a_public_attribute_that_is_not_an_argument_is_refused_at_save_time():
     step = TopK(labels=["a", "b"])
     step.threshold = 0.5
     with pytest.raises(fm.ConfigError, match=r"TopK has public attribute\(s\) \['threshold'\]"):
-        _encode_config(step, "postprocess[0]", _Plan(spec={}))
+        encoded_config(step, "postprocess[0]")
 
 
 def test_an_argument_changed_after_construction_is_saved_not_dropped():
     step = TopK(labels=["a", "b"])
     step.labels = ["x", "y"]
-    assert _encode_config(step, "postprocess[0]", _Plan(spec={}))["labels"] == ["x", "y"]
+    assert encoded_config(step, "postprocess[0]")["labels"] == ["x", "y"]
 
 
 def test_a_value_that_is_not_json_is_refused_naming_the_step_and_argument():
     step = TopK(labels=["a", "b"], softmax=torch.tensor(1.0))
     with pytest.raises(fm.ConfigError, match=r"postprocess\[0\] TopK, argument 'softmax': a value of type Tensor"):
-        _encode_config(step, "postprocess[0]", _Plan(spec={}))
+        encoded_config(step, "postprocess[0]")
 
 
 def test_a_missing_artifact_file_is_refused_naming_the_argument(tmp_path):
     step = SentencePieceEncode.__new__(SentencePieceEncode, fm.Artifact(tmp_path / "nope.model"))
     with pytest.raises(fm.ConfigError, match=r"argument 'model_file': the artifact .*nope.model.* does not exist"):
-        _encode_config(step, "preprocess[0]", _Plan(spec={}))
+        encoded_config(step, "preprocess[0]")
 
 
 class TestTransformDecorator:

@@ -44,8 +44,8 @@ from mlflow_fullmodel.storage.imports import import_steps
 from mlflow_fullmodel.storage.integrity import Manifest, confined_path, read_verified, verify_manifest, write_manifest
 from mlflow_fullmodel.transform import Artifact, Configurable, Param, Transform
 
-__all__ = ["FORMAT_VERSION", "GOLDEN_FILE", "SPEC_FILE", "Golden", "encode_value", "load_fullmodel", "make_golden",
-           "other_value", "read_spec", "save_fullmodel", "step_specs"]
+__all__ = ["FORMAT_VERSION", "GOLDEN_FILE", "SPEC_FILE", "Golden", "VerifiedFiles", "encode_value", "encoded_config",
+           "load_fullmodel", "make_golden", "other_value", "read_spec", "rebuilt_step", "save_fullmodel", "step_specs"]
 
 FORMAT_VERSION = 2
 SPEC_FILE = "fullmodel.json"
@@ -166,11 +166,35 @@ def _encode_plain(value: Any, where: str) -> Any:
     )
 
 
-def _decode_config(config: Mapping[str, Any], files: _VerifiedFiles, label: str) -> dict[str, Any]:
+def _decode_config(config: Mapping[str, Any], files: VerifiedFiles, label: str) -> dict[str, Any]:
     return {name: _decode_plain(value, files, f"{label}, argument '{name}'") for name, value in config.items()}
 
 
-def _decode_plain(value: Any, files: _VerifiedFiles, where: str) -> Any:
+def encoded_config(step: Configurable, label: str = "step") -> dict[str, Any]:
+    """The configuration of ``step`` as the spec saves it (JSON values; files as artifact markers),
+    or the ``ConfigError`` saving it would raise."""
+    return _encode_config(step, label, _Plan(spec={}))
+
+
+def rebuilt_step(step: Configurable, folder: str) -> Configurable:
+    """``step`` rebuilt from its saved configuration, as loading a model rebuilds it: its JSON
+    round trip, with its artifacts copied into ``folder`` and the step pointed at the copies, read
+    through the same hash checks a loaded model's are. The unit of the save-and-load contract every
+    step keeps (``tests/contract.py``)."""
+    plan = _Plan(spec={})
+    encoded = json.loads(json.dumps(_encode_config(step, "step", plan)))
+    for source, dest in plan.artifacts:
+        target = os.path.join(folder, dest)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.isdir(source):
+            shutil.copytree(source, target)
+        else:
+            shutil.copyfile(source, target)
+    files = VerifiedFiles(folder, "", Manifest.of_folder(folder, skip_bytecode=True).files)
+    return type(step)(**_decode_config(encoded, files, "step"))
+
+
+def _decode_plain(value: Any, files: VerifiedFiles, where: str) -> Any:
     if isinstance(value, list):
         return [_decode_plain(v, files, where) for v in value]
     if isinstance(value, dict):
@@ -185,7 +209,7 @@ def _decode_plain(value: Any, files: _VerifiedFiles, where: str) -> Any:
 
 
 @dataclass(frozen=True)
-class _VerifiedFiles:
+class VerifiedFiles:
     """The files of a loaded model, checked against its manifest; the spec's paths resolve here."""
 
     root: str
@@ -369,7 +393,7 @@ def load_fullmodel(
     root = folder if root is None else root
     inside = os.path.relpath(folder, root).replace(os.sep, "/")
     prefix = "" if inside == "." else confined_path(inside, "the FullModel folder") + "/"
-    files = _VerifiedFiles(root, prefix, (manifest or verify_manifest(root)).files)
+    files = VerifiedFiles(root, prefix, (manifest or verify_manifest(root)).files)
     spec = _parse_spec(files.read(SPEC_FILE, "the spec").decode("utf-8"), os.path.join(folder, SPEC_FILE))
 
     specs = step_specs(spec)
