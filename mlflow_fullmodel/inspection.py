@@ -14,12 +14,12 @@ from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME
 
 from mlflow_fullmodel.storage import read_golden, read_spec, step_specs
-from mlflow_fullmodel.storage.folder import CODE_DIR, encode_value
+from mlflow_fullmodel.storage.folder import ARTIFACT_MARKER, CODE_DIR, PARAM_MARKER, TUPLE_MARKER, encode_value
 from mlflow_fullmodel.storage.integrity import MANIFEST_FILE, folder_digest, folder_hashes, read_manifest, sha256_file
+from mlflow_fullmodel.transform import param_text
 
 __all__ = ["config_text", "describe_model"]
 
-_ARTIFACT, _PARAM, _TUPLE = "$artifact", "$param", "$tuple"
 
 
 def describe_model(model_path: str, data: str = "fullmodel") -> dict[str, Any]:
@@ -68,14 +68,12 @@ def describe_model(model_path: str, data: str = "fullmodel") -> dict[str, Any]:
 def config_text(value: Any) -> str:
     """A spec config value as a person reads it: ``Artifact(path)``, ``Param(1, maximum=3)``, JSON."""
     if isinstance(value, dict):
-        if set(value) == {_ARTIFACT}:
-            return f"Artifact({os.path.basename(value[_ARTIFACT])!r})"
-        if set(value) == {_PARAM}:
-            spec = dict(value[_PARAM])
-            extras = "".join(f", {k}={v!r}" for k, v in spec.items() if k != "default")
-            return f"Param({spec['default']!r}{extras})"
-        if set(value) == {_TUPLE}:
-            items = [config_text(v) for v in value[_TUPLE]]
+        if set(value) == {ARTIFACT_MARKER}:
+            return f"Artifact({os.path.basename(value[ARTIFACT_MARKER])!r})"
+        if set(value) == {PARAM_MARKER}:
+            return param_text(value[PARAM_MARKER])
+        if set(value) == {TUPLE_MARKER}:
+            items = [config_text(v) for v in value[TUPLE_MARKER]]
             return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
         return "{" + ", ".join(f"{k!r}: {config_text(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
@@ -86,8 +84,8 @@ def config_text(value: Any) -> str:
 def _artifacts(steps: list[dict[str, Any]]) -> Iterator[tuple[str, str, str]]:
     def walk(value: Any) -> Iterator[str]:
         if isinstance(value, dict):
-            if set(value) == {_ARTIFACT}:
-                yield value[_ARTIFACT]
+            if set(value) == {ARTIFACT_MARKER}:
+                yield value[ARTIFACT_MARKER]
             else:
                 for item in value.values():
                     yield from walk(item)

@@ -25,7 +25,7 @@ import torch
 
 from mlflow_fullmodel._hashing import hash_tensor
 from mlflow_fullmodel.exceptions import FullModelError, ParityError
-from mlflow_fullmodel.pipeline import FullModel, records_frame
+from mlflow_fullmodel.pipeline import FullModel, apply_step, records_frame, step_label
 from mlflow_fullmodel.storage import load_fullmodel, read_golden
 
 __all__ = ["batch_invariance_problems", "check_parity", "compare_outputs", "golden_problems", "preprocess_digests"]
@@ -63,14 +63,16 @@ print("\n@@parity@@" + json.dumps(report))
 
 
 def preprocess_digests(model: FullModel, inputs: Sequence[Any]) -> list[list[str]]:
-    """For each input row, a digest of the output of each pre-processing step."""
-    digests = []
-    for value in model._rows(inputs):
-        row = []
-        for step in model.preprocess:
-            value = step(value, **{n: p.default for n, p in step.params().items()})
-            row.append(_digest(value))
-        digests.append(row)
+    """For each input row, a digest of the output of each pre-processing step (run as ``predict``
+    runs them, with the saved defaults)."""
+    values = model._resolve_params(None)
+    examples = model._rows(inputs)
+    ids = list(range(len(examples)))
+    digests: list[list[str]] = [[] for _ in examples]
+    for index, step in enumerate(model.preprocess):
+        ids, examples = apply_step(step, step_label("preprocess", index), ids, examples, values)
+        for row, example in zip(ids, examples):
+            digests[row].append(_digest(example))
     return digests
 
 
@@ -184,7 +186,8 @@ def _child_report(folder: str, expected_digests: list[list[str]] | None, root: s
             for index, (w, g) in enumerate(zip(want, got)):
                 if w != g:
                     step = type(model.preprocess[index]).__name__
-                    report["problems"].insert(0, f"row {row}: the output of preprocess[{index}] {step} differs")
+                    label = step_label("preprocess", index)
+                    report["problems"].insert(0, f"row {row}: the output of {label} {step} differs")
                     break
     return report
 

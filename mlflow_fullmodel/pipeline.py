@@ -22,7 +22,8 @@ from mlflow_fullmodel.forward import CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import ModuleSet, resolve_device
 from mlflow_fullmodel.transform import Configurable, Param, Transform
 
-__all__ = ["ERROR_COLUMN", "ON_ERROR", "FullModel", "answer_records", "apply_step", "brief", "records_frame"]
+__all__ = ["ERROR_COLUMN", "ON_ERROR", "FullModel", "answer_records", "apply_step", "brief", "records_frame",
+           "step_label"]
 
 _CPU = torch.device("cpu")
 
@@ -117,9 +118,9 @@ class FullModel:
     def steps(self) -> list[tuple[str, Configurable]]:
         """Every configured step with a label naming its place, e.g. ``"preprocess[1]"``."""
         return (
-            [(f"preprocess[{i}]", s) for i, s in enumerate(self.preprocess)]
+            [(step_label("preprocess", i), s) for i, s in enumerate(self.preprocess)]
             + [("collate", self.collate), ("forward", self.forward)]
-            + [(f"postprocess[{i}]", s) for i, s in enumerate(self.postprocess)]
+            + [(step_label("postprocess", i), s) for i, s in enumerate(self.postprocess)]
         )
 
     def _collect_params(self) -> dict[str, tuple[str, Param]]:
@@ -365,12 +366,17 @@ class FullModel:
             )
         return to_device(outputs, _CPU)
 
+def step_label(stage: str, index: int) -> str:
+    """How a pre- or post-processing step is named everywhere (messages, the spec): ``"preprocess[1]"``."""
+    return f"{stage}[{index}]"
+
+
 def _instantiate(step: Any, stage: str, index: int) -> Transform:
     if isinstance(step, type) and issubclass(step, Transform):
         step = step()
     if not isinstance(step, Transform):
         raise ConfigError(
-            f"{stage}[{index}] must be a Transform (a subclass instance or an @transform function), "
+            f"{step_label(stage, index)} must be a Transform (a subclass instance or an @transform function), "
             f"got {type(step).__name__}."
         )
     return step
@@ -424,8 +430,8 @@ def _run_steps(
     errors: dict[int, str] | None = None, deadline: float | None = None,
 ) -> tuple[list[int], list[Any]]:
     for index, step in enumerate(steps):
-        _check_deadline(deadline, f"{stage}[{index}]")
-        ids, values = apply_step(step, f"{stage}[{index}]", ids, values, params, errors)
+        _check_deadline(deadline, step_label(stage, index))
+        ids, values = apply_step(step, step_label(stage, index), ids, values, params, errors)
     return ids, values
 
 

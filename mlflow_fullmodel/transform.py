@@ -154,8 +154,7 @@ class Param:
         return cls(**spec)
 
     def __repr__(self) -> str:
-        extras = "".join(f", {k}={v!r}" for k, v in self.to_dict().items() if k != "default")
-        return f"Param({self.default!r}{extras})"
+        return param_text(self.to_dict())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Param) and other.to_dict() == self.to_dict()
@@ -172,6 +171,12 @@ def param_value(value: Any, params: Mapping[str, Any], name: str) -> Any:
     """The value of the configured argument ``name`` (holding ``value``) for one call: the one in
     ``params`` when the call sets it, else the saved one (``param_default``)."""
     return params.get(name, param_default(value))
+
+
+def param_text(spec: Mapping[str, Any]) -> str:
+    """A Param as code shows it, from its saved form (``Param.to_dict``): ``Param(1, maximum=3)``."""
+    extras = "".join(f", {k}={v!r}" for k, v in spec.items() if k != "default")
+    return f"Param({spec.get('default')!r}{extras})"
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

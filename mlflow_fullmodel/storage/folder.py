@@ -38,14 +38,15 @@ from mlflow_fullmodel.collate import Collate
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, IntegrityError, ModelFormatError
 from mlflow_fullmodel.forward import ForwardStrategy
 from mlflow_fullmodel.modules import load_module, method_names, save_module
-from mlflow_fullmodel.pipeline import FullModel
+from mlflow_fullmodel.pipeline import FullModel, step_label
 from mlflow_fullmodel.storage.capture import CodeCapture
 from mlflow_fullmodel.storage.imports import import_steps
 from mlflow_fullmodel.storage.integrity import Manifest, confined_path, read_verified, verify_manifest, write_manifest
 from mlflow_fullmodel.transform import Artifact, Configurable, Param, Transform
 
-__all__ = ["FORMAT_VERSION", "GOLDEN_FILE", "SPEC_FILE", "Golden", "VerifiedFiles", "encode_value", "encoded_config",
-           "load_fullmodel", "make_golden", "other_value", "read_spec", "rebuilt_step", "save_fullmodel", "step_specs"]
+__all__ = ["ARTIFACT_MARKER", "FORMAT_VERSION", "GOLDEN_FILE", "PARAM_MARKER", "SPEC_FILE", "TUPLE_MARKER", "Golden",
+           "VerifiedFiles", "encode_value", "encoded_config", "load_fullmodel", "make_golden", "other_value",
+           "read_spec", "rebuilt_step", "save_fullmodel", "step_specs"]
 
 FORMAT_VERSION = 2
 SPEC_FILE = "fullmodel.json"
@@ -54,7 +55,8 @@ CODE_DIR = "code"
 MODULES_DIR = "modules"
 ARTIFACTS_DIR = "artifacts"
 
-_ARTIFACT, _PARAM, _TUPLE, _BYTES = "$artifact", "$param", "$tuple", "$bytes"
+#: The spec's markers for configuration values JSON has no type for (read by inspection too).
+ARTIFACT_MARKER, PARAM_MARKER, TUPLE_MARKER, _BYTES = "$artifact", "$param", "$tuple", "$bytes"
 
 _logger = logging.getLogger(__name__)
 
@@ -138,9 +140,9 @@ def _encode_config(step: Configurable, label: str, plan: _Plan) -> dict[str, Any
                 raise ConfigError(f"{where}: the artifact {value.path!r} does not exist.")
             dest = f"{ARTIFACTS_DIR}/{_slug(label, step)}/{name}/{os.path.basename(os.path.normpath(value.path))}"
             plan.artifacts.append((value.path, dest))
-            encoded[name] = {_ARTIFACT: dest}
+            encoded[name] = {ARTIFACT_MARKER: dest}
         elif isinstance(value, Param):
-            encoded[name] = {_PARAM: value.to_dict()}
+            encoded[name] = {PARAM_MARKER: value.to_dict()}
         else:
             encoded[name] = _encode_plain(value, where)
     return encoded
@@ -156,7 +158,7 @@ def _encode_plain(value: Any, where: str) -> Any:
     if isinstance(value, list):
         return [_encode_plain(v, where) for v in value]
     if isinstance(value, tuple):
-        return {_TUPLE: [_encode_plain(v, where) for v in value]}
+        return {TUPLE_MARKER: [_encode_plain(v, where) for v in value]}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {k: _encode_plain(v, where) for k, v in value.items()}
     raise ConfigError(
@@ -198,12 +200,12 @@ def _decode_plain(value: Any, files: VerifiedFiles, where: str) -> Any:
     if isinstance(value, list):
         return [_decode_plain(v, files, where) for v in value]
     if isinstance(value, dict):
-        if set(value) == {_ARTIFACT}:
-            return files.artifact(value[_ARTIFACT], where)
-        if set(value) == {_PARAM}:
-            return Param.from_dict(value[_PARAM])
-        if set(value) == {_TUPLE}:
-            return tuple(_decode_plain(v, files, where) for v in value[_TUPLE])
+        if set(value) == {ARTIFACT_MARKER}:
+            return files.artifact(value[ARTIFACT_MARKER], where)
+        if set(value) == {PARAM_MARKER}:
+            return Param.from_dict(value[PARAM_MARKER])
+        if set(value) == {TUPLE_MARKER}:
+            return tuple(_decode_plain(v, files, where) for v in value[TUPLE_MARKER])
         return {k: _decode_plain(v, files, where) for k, v in value.items()}
     return value
 
@@ -258,10 +260,10 @@ def _plan(model: FullModel) -> _Plan:
         "torch_version": torch.__version__.split("+")[0],
         "input_columns": model.input_columns,
         "batch_size": model.batch_size,
-        "preprocess": [steps[f"preprocess[{i}]"] for i in range(len(model.preprocess))],
+        "preprocess": [steps[step_label("preprocess", i)] for i in range(len(model.preprocess))],
         "collate": steps["collate"],
         "forward": steps["forward"],
-        "postprocess": [steps[f"postprocess[{i}]"] for i in range(len(model.postprocess))],
+        "postprocess": [steps[step_label("postprocess", i)] for i in range(len(model.postprocess))],
         "modules": {},
         "params": {
             name: {**param.to_dict(), "type": param.type.__name__, "step": owners.get(name, "model")}
@@ -353,9 +355,9 @@ def _parse_spec(text: str, path: str) -> dict[str, Any]:
 def step_specs(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The spec's steps in data-path order, by label: ``preprocess[0]``, ..., ``collate``,
     ``forward``, ``postprocess[0]``, ..."""
-    steps = {f"preprocess[{i}]": s for i, s in enumerate(spec["preprocess"])}
+    steps = {step_label("preprocess", i): s for i, s in enumerate(spec["preprocess"])}
     steps.update(collate=spec["collate"], forward=spec["forward"])
-    steps.update({f"postprocess[{i}]": s for i, s in enumerate(spec["postprocess"])})
+    steps.update({step_label("postprocess", i): s for i, s in enumerate(spec["postprocess"])})
     return steps
 
 
@@ -405,9 +407,9 @@ def load_fullmodel(
         for name, entry in spec["modules"].items()
     }
     return FullModel(
-        [_step_of(steps, f"preprocess[{i}]", Transform) for i in range(len(spec["preprocess"]))],
+        [_step_of(steps, step_label("preprocess", i), Transform) for i in range(len(spec["preprocess"]))],
         modules,
-        [_step_of(steps, f"postprocess[{i}]", Transform) for i in range(len(spec["postprocess"]))],
+        [_step_of(steps, step_label("postprocess", i), Transform) for i in range(len(spec["postprocess"]))],
         forward=_step_of(steps, "forward", ForwardStrategy),
         collate=_step_of(steps, "collate", Collate),
         input_columns=spec["input_columns"],
