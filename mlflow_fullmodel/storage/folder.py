@@ -178,13 +178,8 @@ def encoded_config(step: Configurable, label: str = "step") -> dict[str, Any]:
     return _encode_config(step, label, _Plan(spec={}))
 
 
-def rebuilt_step(step: Configurable, folder: str) -> Configurable:
-    """``step`` rebuilt from its saved configuration, as loading a model rebuilds it: its JSON
-    round trip, with its artifacts copied into ``folder`` and the step pointed at the copies, read
-    through the same hash checks a loaded model's are. The unit of the save-and-load contract every
-    step keeps (``tests/contract.py``)."""
-    plan = _Plan(spec={})
-    encoded = json.loads(json.dumps(_encode_config(step, "step", plan)))
+def _copy_artifacts(plan: _Plan, folder: str) -> None:
+    """Copy the plan's artifact files and folders to their places under ``folder``."""
     for source, dest in plan.artifacts:
         target = os.path.join(folder, dest)
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -192,6 +187,16 @@ def rebuilt_step(step: Configurable, folder: str) -> Configurable:
             shutil.copytree(source, target)
         else:
             shutil.copyfile(source, target)
+
+
+def rebuilt_step(step: Configurable, folder: str) -> Configurable:
+    """``step`` rebuilt from its saved configuration, as loading a model rebuilds it: its JSON
+    round trip, with its artifacts copied into ``folder`` and the step pointed at the copies, read
+    through the same hash checks a loaded model's are. The unit of the save-and-load contract every
+    step keeps (``tests/contract.py``)."""
+    plan = _Plan(spec={})
+    encoded = json.loads(json.dumps(_encode_config(step, "step", plan)))
+    _copy_artifacts(plan, folder)
     files = VerifiedFiles(folder, "", Manifest.of_folder(folder, skip_bytecode=True).files)
     return type(step)(**_decode_config(encoded, files, "step"))
 
@@ -296,13 +301,7 @@ def save_fullmodel(
             plan.spec["modules"][name] = {
                 "file": f"{MODULES_DIR}/{filename}", "format": kind, "methods": method_names(module),
             }
-        for source, dest in plan.artifacts:
-            target = os.path.join(folder, dest)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.isdir(source):
-                shutil.copytree(source, target)
-            else:
-                shutil.copyfile(source, target)
+        _copy_artifacts(plan, folder)
         for relative, source in plan.code.items():
             target = os.path.join(folder, CODE_DIR, relative)
             os.makedirs(os.path.dirname(target), exist_ok=True)
