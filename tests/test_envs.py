@@ -119,7 +119,7 @@ def test_envs_list_json_has_exact_sizes_times_and_requirement_lines(cache):
     half = make_env(cache, "c" * 16, NOW, {"lib/partial": 10}, ready=False)
     result = CliRunner().invoke(main, ["envs", "list", "--json"])
     assert result.exit_code == 0, result.output
-    facts = json.loads(result.output)
+    facts = json.loads(result.stdout)
     assert facts["cache"] == str(cache) and facts["total_bytes"] == old + half
     assert [e["key"] for e in facts["envs"]] == ["c" * 16, "a" * 16]
     half_facts, old_facts = facts["envs"]

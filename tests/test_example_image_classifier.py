@@ -240,7 +240,7 @@ def test_diff_of_the_two_versions_names_the_steps_and_configuration_that_differ(
 
     result = CliRunner().invoke(main, ["diff", f"models:/{NAME}/1", f"models:/{NAME}/2", "--json"])
     assert result.exit_code == 0, result.output
-    differences = json.loads(result.output)
+    differences = json.loads(result.stdout)
     steps = "\n".join(differences["steps"])
     assert "removed preprocess[2] mlflow_fullmodel.transforms.image:CenterCrop" in steps
     assert "added preprocess[3] mlflow_fullmodel.transforms.image:RandomCrops(" in steps

@@ -132,7 +132,7 @@ def test_inspect_json_lists_every_step_param_and_artifact_and_the_recorded_diges
     promote(NAME, versions["good"], alias="inspected")
     result = CliRunner().invoke(main, ["inspect", f"models:/{NAME}/{versions['good']}", "--json"])
     assert result.exit_code == 0, result.output
-    facts = json.loads(result.output)
+    facts = json.loads(result.stdout)
     assert [s["step"] for s in facts["steps"]] == ["preprocess[0]", "preprocess[1]", "collate", "forward",
                                                     "postprocess[0]"]
     assert facts["steps"][1]["target"] == "mlflow_fullmodel.transforms.text:SentencePieceEncode"
@@ -167,7 +167,7 @@ def test_diff_names_a_changed_configuration_value(versions):
     result = CliRunner().invoke(main, ["diff", f"models:/{NAME}/{versions['good']}",
                                        f"models:/{NAME}/{versions['uninstallable']}", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"requirements": ["+ fullmodel-no-such-package==0.0.1"]}
+    assert json.loads(result.stdout) == {"requirements": ["+ fullmodel-no-such-package==0.0.1"]}
 
 
 def test_diff_shows_changed_processing_code_as_a_unified_diff(tmp_path, text_model, saved_model):

@@ -82,7 +82,7 @@ def networks(tmp_path_factory, spm_path) -> dict[str, tuple[str, dict[str, torch
 def diff_json(a: str, b: str) -> dict:
     result = CliRunner().invoke(main, ["diff", a, b, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 def diff_text(a: str, b: str) -> str:
@@ -160,7 +160,7 @@ def test_diff_of_two_exported_programs_compares_their_weights(tmp_path, spm_path
     change = differences["tensors"]["main"]
     assert change["parameters"] == [PARAMETERS, PARAMETERS] and change["changed"] == []
     assert change["values"] == {"compared": 3, "changed": 1, "max_abs_diff": expected, "name": "embedding.weight"}
-    facts = json.loads(CliRunner().invoke(main, ["inspect", a, "--json"]).output)
+    facts = json.loads(CliRunner().invoke(main, ["inspect", a, "--json"]).stdout)
     assert facts["modules"][0]["format"] == "torch.export"
 
 
@@ -190,7 +190,7 @@ def test_a_file_changed_at_the_same_size_inside_a_folder_artifact_shows_in_diff_
     (lexicon / "moods.txt").write_text("dull=drab\n")  # the same size
     b = saved(tmp_path / "b", spm_path, net, Synonyms(fm.Artifact(lexicon)))
 
-    facts = [json.loads(CliRunner().invoke(main, ["inspect", m, "--json"]).output) for m in (a, b)]
+    facts = [json.loads(CliRunner().invoke(main, ["inspect", m, "--json"]).stdout) for m in (a, b)]
     (before,), (after,) = ([x for x in f["artifacts"] if x["argument"] == "folder"] for f in facts)
     assert before["size"] == after["size"] and before["sha256"] != after["sha256"]
     assert sorted(before["files"]) == ["films.txt", "moods.txt"]
