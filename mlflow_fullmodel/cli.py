@@ -17,7 +17,7 @@ import click
 import mlflow_fullmodel
 from mlflow_fullmodel.env_cache import ENV_CACHE_VARIABLE, CachedEnv
 from mlflow_fullmodel.exceptions import FullModelError
-from mlflow_fullmodel.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
+from mlflow_fullmodel.settings import DEFAULT_GRACE_PERIOD_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
 
 ALLOW_BUILDS_HELP = ("With --fresh-env: let pip build source distributions (runs their setup.py); wheels only by "
                      "default.")
@@ -84,20 +84,45 @@ def verify(model_uri: str, public_key: str | None, fresh_env: bool, allow_builds
 @click.option("--max-json-depth", default=DEFAULT_MAX_JSON_DEPTH, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", "-w", default=1, show_default=True, type=click.IntRange(min=1),
               help="Worker processes, each with its own copy of the model (as mlflow models serve -w).")
+@click.option("--grace-period", default=DEFAULT_GRACE_PERIOD_S, show_default=True, type=click.IntRange(min=0),
+              help="On SIGTERM, seconds to finish the requests already taken before stopping.")
+@click.option("--follow-alias", is_flag=True,
+              help="With models:/NAME@ALIAS: when the alias moves, verify, load and warm the new version beside "
+                   "the old one, then swap (a version that fails keeps the old one serving).")
+@click.option("--poll-s", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="With --follow-alias: seconds between looks at the alias.")
 def serve_command(model_uri: str, host: str, port: int, public_key: str | None, max_body_bytes: int,
-                  max_json_depth: int, workers: int) -> None:
+                  max_json_depth: int, workers: int, grace_period: int, follow_alias: bool, poll_s: float) -> None:
     """Verify a model, then serve it as `mlflow models serve` does (same payloads, same answers),
     with bad requests refused cleanly: a missing Content-Type, a body or JSON nesting over the
-    limits, unknown params; every error a JSON body without trace, path or echo of the request."""
-    from mlflow_fullmodel.hardened import serve_verified
+    limits, unknown params; every error a JSON body without trace, path or echo of the request.
+
+    For operators: GET /metrics (Prometheus), GET /ready (200 once the model is verified, loaded
+    and warmed up), an X-Request-ID on every answer and a JSON access log line per request on
+    stdout; SIGTERM answers every request taken, then exits 0.
+    """
+    from mlflow_fullmodel.registry import registered_version
+    from mlflow_fullmodel.rollout import module_format
+    from mlflow_fullmodel.server import ServerSettings, serve
     from mlflow_fullmodel.verification import verify_model
 
+    alias = model_uri.partition("@")[2] if model_uri.startswith("models:/") else ""
+    if follow_alias and not alias:
+        raise click.UsageError("--follow-alias needs a models:/NAME@ALIAS model URI.")
     with _errors_as_messages():
-        report = verify_model(model_uri, public_key=public_key)
-    click.echo(f"Verified {model_uri} ({report.digest}; {', '.join(report.checks)}); serving on http://{host}:{port}",
+        # The alias's version, pinned: it may move while this one is verified.
+        version = registered_version(model_uri)
+        pinned = f"models:/{version.name}/{version.version}" if version is not None else model_uri
+        report = verify_model(pinned, public_key=public_key)
+        info = (version.name, str(version.version)) if version is not None else ("", "")
+        settings = ServerSettings(report.local_path, (*info, report.digest, module_format(report.local_path)),
+                                  max_body_bytes, max_json_depth, follow_alias=alias if follow_alias else None,
+                                  poll_s=poll_s, public_key=public_key)
+    click.echo(f"Verified {pinned} ({report.digest}; {', '.join(report.checks)}); serving on http://{host}:{port}",
                err=True)
     try:
-        serve_verified(report.local_path, host, port, max_body_bytes, max_json_depth, workers)
+        with _errors_as_messages():
+            serve(settings, host, port, workers, grace_period)
     finally:
         if report.download_dir is not None:
             shutil.rmtree(report.download_dir, ignore_errors=True)

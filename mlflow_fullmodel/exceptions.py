@@ -27,6 +27,11 @@ class InputError(FullModelError, ValueError):
     """The data passed to ``predict`` is malformed: a missing column or a row a stage rejected."""
 
 
+class LimitError(InputError):
+    """A request is over one of the serving limits (rows, characters, bytes, samples): too much,
+    rather than wrong."""
+
+
 class ModelError(FullModelError):
     """A step or module of the model failed in a way the input does not explain (a bug in a
     transform, a module that raises): the model's fault, not the caller's. ``step`` names it."""

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import logging
-import os
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -22,10 +21,11 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
+from mlflow_fullmodel import telemetry
 from mlflow_fullmodel._mlflow import PREDICT_ECHO, SCHEMA_ECHO
 from mlflow_fullmodel.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
 
-__all__ = ["Guard", "json_depth", "request_values", "sanitized", "scrubbed", "serve_verified"]
+__all__ = ["Guard", "answer", "json_depth", "request_values", "sanitized", "scrubbed"]
 
 _logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class Guard:
         content_type = headers.get(b"content-type", b"").decode("latin-1").strip()
         declared = headers.get(b"content-length", b"").decode("latin-1").strip()
         if declared and not declared.isdigit():
-            await _answer(send, 400, "BAD_REQUEST", "The Content-Length header is not a number of bytes.")
+            await answer(send, 400, "BAD_REQUEST", "The Content-Length header is not a number of bytes.")
             return
         # Refused before a byte of the body is read: the client has said how large it is.
         if declared and int(declared) > self.max_body_bytes:
@@ -188,7 +188,7 @@ class Guard:
             await self._too_large(send)
             return
         if not content_type:
-            await _answer(send, 415, "BAD_REQUEST", "The request has no Content-Type header; send application/json "
+            await answer(send, 415, "BAD_REQUEST", "The request has no Content-Type header; send application/json "
                           "(or text/csv, or application/vnd.apache.parquet).")
             return
         if content_type.split(";")[0].strip().lower() == "application/json":
@@ -196,7 +196,9 @@ class Guard:
             # every other request the server is answering.
             problem = await anyio.to_thread.run_sync(self._json_problem, body)
             if problem is not None:
-                await _answer(send, 400, "INVALID_PARAMETER_VALUE", problem)
+                reason, message = problem
+                telemetry.refused(reason)
+                await answer(send, 400, "INVALID_PARAMETER_VALUE", message)
                 return
 
         async def replay() -> Message:
@@ -221,7 +223,7 @@ class Guard:
         error_code, message = _error_of(payload, status)
         message = await anyio.to_thread.run_sync(
             lambda: scrubbed(message, request_values(body, content_type), self.names))
-        await _answer(send, status, error_code, message)
+        await answer(send, status, error_code, message)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body, or None as soon as it passes ``max_body_bytes`` (a chunked body has no
@@ -239,34 +241,37 @@ class Guard:
                 return b"".join(chunks)
 
     async def _too_large(self, send: Send) -> None:
-        await _answer(send, 413, "BAD_REQUEST", f"The request body is over {self.max_body_bytes} bytes, the limit of "
+        telemetry.refused("limit")
+        await answer(send, 413, "BAD_REQUEST", f"The request body is over {self.max_body_bytes} bytes, the limit of "
                       "this server (mlflow-fullmodel serve --max-body-bytes).")
 
-    def _json_problem(self, body: bytes) -> str | None:
+    def _json_problem(self, body: bytes) -> tuple[str, str] | None:
+        """What is wrong with a JSON body, if anything: (``telemetry.REFUSALS`` reason, message)."""
         depth = json_depth(body)
         if depth > self.max_json_depth:
-            return (f"The JSON body is nested {depth} levels deep, over the limit of {self.max_json_depth} "
-                    "(mlflow-fullmodel serve --max-json-depth).")
+            return "limit", (f"The JSON body is nested {depth} levels deep, over the limit of {self.max_json_depth} "
+                             "(mlflow-fullmodel serve --max-json-depth).")
         try:
             payload = json.loads(body, object_pairs_hook=_unique_keys)
         except _DuplicateKey as error:
-            return str(error)
+            return "bad_input", str(error)
         except (ValueError, RecursionError) as error:  # invalid UTF-8 or JSON, an integer of 5,000 digits
-            return f"The body is not valid JSON: {sanitized(str(error))[:300]}"
+            return "bad_input", f"The body is not valid JSON: {sanitized(str(error))[:300]}"
         # With on_error="return" a null row is answered with its error, except where MLflow would
         # have turned it into the text "None" first.
         returns_errors = isinstance(payload, dict) and isinstance(payload.get("params"), dict) and \
             payload["params"].get("on_error") == "return"
         null = _first_null(payload, ("inputs", "instances") if returns_errors else _ROW_KEYS, self.names)
         if null is not None:
-            return null
+            return "bad_input", null
         given = payload.get("params") if isinstance(payload, dict) else None
         if given is not None:
             if not isinstance(given, dict):
-                return f'"params" must be an object of parameter names and values, got {type(given).__name__}.'
+                return "bad_input", ('"params" must be an object of parameter names and values, got '
+                                     f"{type(given).__name__}.")
             unknown = sorted(set(given) - set(self.params))
             if unknown:
-                return _unknown_params(unknown, self.params)
+                return "bad_input", _unknown_params(unknown, self.params)
         return None
 
 
@@ -334,60 +339,11 @@ def _error_of(payload: bytes, status: int) -> tuple[str, str]:
     return ("INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST"), sanitized(text or f"HTTP {status}")
 
 
-async def _answer(send: Send, status: int, error_code: str, message: str) -> None:
+async def answer(send: Send, status: int, error_code: str, message: str,
+                 headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """Answer an error: ``{"error_code": ..., "message": ...}`` with ``status``."""
     body = json.dumps({"error_code": error_code, "message": message}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
     await send({"type": "http.response.body", "body": body})
-
-
-#: How ``serve_verified`` hands its settings to each worker process it starts.
-_SETTINGS_VARIABLE = "MLFLOW_FULLMODEL_GUARD_SETTINGS"
-
-
-def serve_verified(model_path: str, host: str, port: int, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                   max_json_depth: int = DEFAULT_MAX_JSON_DEPTH, workers: int = 1) -> None:
-    """Serve the local, already verified MLflow model at ``model_path`` until interrupted: MLflow's
-    scoring app, as ``mlflow models serve`` runs it, behind ``Guard``, in ``workers`` processes
-    (each loads the model)."""
-    import uvicorn
-
-    from mlflow_fullmodel._mlflow import SERVER_MODEL_PATH_VARIABLE
-    from mlflow_fullmodel.serving import default_thread_count
-    from mlflow_fullmodel.settings import variable_of
-
-    # As under `mlflow models serve`: the model sees that it is in a scoring server (threads, tuning).
-    os.environ[SERVER_MODEL_PATH_VARIABLE] = model_path
-    # The workers share the cores: each takes its part unless the user set the threads.
-    os.environ.setdefault(variable_of("num_threads"), str(default_thread_count(workers)))
-    os.environ[_SETTINGS_VARIABLE] = json.dumps({"model_path": model_path, "max_body_bytes": max_body_bytes,
-                                                 "max_json_depth": max_json_depth})
-    uvicorn.run("mlflow_fullmodel.hardened:guarded_app", factory=True, host=host, port=port, workers=workers,
-                log_level="info")
-
-
-def guarded_app() -> Guard:
-    """The ASGI app of one worker of ``serve_verified``: the model loaded as MLflow's scoring server
-    loads it, its app behind ``Guard``."""
-    from mlflow_fullmodel._mlflow import load_served_model, scoring_app
-    from mlflow_fullmodel.exceptions import ParityError
-    from mlflow_fullmodel.flavor import flavor_configuration
-    from mlflow_fullmodel.parity import golden_problems
-
-    settings = json.loads(os.environ[_SETTINGS_VARIABLE])
-    model = load_served_model(settings["model_path"])
-    # verify_model checked parity with the runtime embedded in the model; this process serves with
-    # the installed one: it must answer the golden example alike before it answers anyone.
-    folder = os.path.join(settings["model_path"], flavor_configuration(settings["model_path"])["data"])
-    problems = golden_problems(model.get_raw_model(), folder)
-    if problems:
-        raise ParityError(f"The installed mlflow-fullmodel does not reproduce the model's golden example: "
-                          f"{'; '.join(problems[:5])}. Serve it with the mlflow-fullmodel version that saved it.",
-                          stage="outputs")
-    _logger.info("The installed mlflow-fullmodel reproduces the model's golden example; serving.")
-    schema = model.metadata.get_params_schema()
-    params = [spec.name for spec in schema.params] if schema is not None else []
-    inputs = model.metadata.get_input_schema()
-    columns = [str(name) for name in inputs.input_names()] if inputs is not None and inputs.has_input_names() else []
-    return Guard(scoring_app(model), params, settings["max_body_bytes"], settings["max_json_depth"],
-                 names=columns)

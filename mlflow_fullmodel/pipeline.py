@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mlflow_fullmodel import telemetry
 from mlflow_fullmodel.collate import Batch, Collate, PadCollate, example_length, length_buckets, to_device, uncollate
 from mlflow_fullmodel.exceptions import ConfigError, DeadlineError, FullModelError, InputError, ModelError, ParamError
 from mlflow_fullmodel.forward import CallModule, ForwardStrategy
@@ -238,11 +239,13 @@ class FullModel:
         rows = self._rows(data, errors)
         ids = [i for i in range(len(rows)) if errors is None or i not in errors]
         examples = [rows[i] for i in ids]
-        with preprocessing():
+        with telemetry.stage("preprocess"), preprocessing():
             ids, examples = _run_steps("preprocess", self.preprocess, ids, examples, values, errors, deadline)
         forward = forward_examples or (lambda examples, params: self._forward_examples(examples, params, deadline))
-        ids, outputs = self._forward_rows(ids, examples, values, forward, errors)
-        ids, answers = _run_steps("postprocess", self.postprocess, ids, outputs, values, errors, deadline)
+        with telemetry.stage("forward"):
+            ids, outputs = self._forward_rows(ids, examples, values, forward, errors)
+        with telemetry.stage("postprocess"):
+            ids, answers = _run_steps("postprocess", self.postprocess, ids, outputs, values, errors, deadline)
         records = answer_records(answers)
         return records if errors is None else _with_errors(records, ids, errors, len(rows))
 
@@ -257,6 +260,7 @@ class FullModel:
         for indices in batches if batches is not None else self._plan_batches(examples):
             _check_deadline(deadline, "forward")
             batch = self.collate([examples[i] for i in indices])
+            telemetry.forward_batch(len(indices))
             for i, output in zip(indices, uncollate(self._forward(batch, params), len(indices))):
                 outputs[i] = output
         return outputs

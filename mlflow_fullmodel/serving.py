@@ -29,6 +29,7 @@ from mlflow.protos.databricks_pb2 import (
     TEMPORARILY_UNAVAILABLE,
 )
 
+from mlflow_fullmodel import telemetry
 from mlflow_fullmodel._mlflow import (
     SERVER_MODEL_PATH_VARIABLE,
     SERVING_ENVIRONMENT_VARIABLE,
@@ -36,7 +37,14 @@ from mlflow_fullmodel._mlflow import (
     scoring_server_threads,
 )
 from mlflow_fullmodel.batching import MicroBatcher
-from mlflow_fullmodel.exceptions import DeadlineError, FullModelError, InputError, ModelError, ParamError
+from mlflow_fullmodel.exceptions import (
+    DeadlineError,
+    FullModelError,
+    InputError,
+    LimitError,
+    ModelError,
+    ParamError,
+)
 from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, brief, records_frame
 from mlflow_fullmodel.schema import check_column_types
 from mlflow_fullmodel.settings import ServingSettings, variable_of
@@ -72,13 +80,13 @@ class RequestLimits:
 
     def check(self, data: Any, samples_per_row: int = 1) -> int:
         """The samples the request makes (rows x samples per row; 0 if its rows cannot be counted);
-        raise ``InputError`` naming the limit, the value and how to raise it."""
+        raise ``LimitError`` (an ``InputError``) naming the limit, the value and how to raise it."""
         rows = len(data) if isinstance(data, (pd.DataFrame, list, tuple)) else None
         if rows is not None and rows > self.max_rows:
-            raise InputError(_over("max_rows", self.max_rows, f"the request has {rows} rows",
+            raise LimitError(_over("max_rows", self.max_rows, f"the request has {rows} rows",
                                    "send fewer rows per request"))
         if rows is not None and rows * samples_per_row > self.max_samples:
-            raise InputError(_over("max_samples", self.max_samples,
+            raise LimitError(_over("max_samples", self.max_samples,
                                    f"the request makes {rows} rows x {samples_per_row} samples = "
                                    f"{rows * samples_per_row} "
                                    "samples", "send fewer rows, or fewer samples per row (a smaller tta)"))
@@ -96,7 +104,7 @@ class RequestLimits:
                     size = len(value) * 3 // 4  # base64 text: the bytes it decodes to
                 elif isinstance(value, str):
                     if len(value) > self.max_text_chars:
-                        raise InputError(_over("max_text_chars", self.max_text_chars,
+                        raise LimitError(_over("max_text_chars", self.max_text_chars,
                                                f"row {row}, column '{column}' has {len(value)} characters",
                                                "send shorter texts"))
                     if not value.isascii():
@@ -105,7 +113,7 @@ class RequestLimits:
                 else:
                     continue
                 if size > self.max_bytes:
-                    raise InputError(_over("max_bytes", self.max_bytes,
+                    raise LimitError(_over("max_bytes", self.max_bytes,
                                            f"row {row}, column '{column}' holds {size} bytes",
                                            "send smaller files"))
         return samples
@@ -188,19 +196,25 @@ class ServedModel:
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
         try:
+            if isinstance(data, (pd.DataFrame, list, tuple)):
+                telemetry.rows(len(data))
             check_column_types(data, self.input_types)
             samples = self.limits.check(data, self.fullmodel._samples_per_row(params))
             with self.admission.admit(samples):
+                telemetry.admitted()
                 deadline = time.monotonic() + self.deadline_s
                 if self.batcher is not None:
                     records = self.batcher.predict_records(data, params=params, deadline=deadline)
                 else:
                     records = self.fullmodel._predict_records(data, params=params, deadline=deadline)
         except (InputError, ParamError) as error:
+            telemetry.refused("limit" if isinstance(error, LimitError) else "bad_input")
             raise ServingError(str(error), INVALID_PARAMETER_VALUE) from None
         except ServerBusy as error:
+            telemetry.refused("admission")
             raise ServingError(str(error), TEMPORARILY_UNAVAILABLE) from None
         except DeadlineError as error:
+            telemetry.refused("deadline")
             raise ServingError(f"{error}: deadline_s={self.deadline_s}. Send fewer rows or lighter params per request, "
                                "or raise it (pyfunc model_config 'deadline_s' or MLFLOW_FULLMODEL_DEADLINE_S).",
                                DEADLINE_EXCEEDED) from None

@@ -19,11 +19,15 @@ from typing import Any
 
 from mlflow_fullmodel.exceptions import ConfigError
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_JSON_DEPTH", "ServingSettings", "variable_of"]
+__all__ = [
+    "DEFAULT_GRACE_PERIOD_S", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_JSON_DEPTH", "ServingSettings", "variable_of",
+]
 
 #: What ``mlflow-fullmodel serve`` reads of a request at most, before MLflow sees it (hardened.Guard).
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_JSON_DEPTH = 32
+#: How long ``mlflow-fullmodel serve`` goes on answering the requests it has taken after a SIGTERM.
+DEFAULT_GRACE_PERIOD_S = 30
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

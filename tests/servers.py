@@ -23,7 +23,8 @@ from pathlib import Path
 
 import requests
 
-__all__ = ["become_subreaper", "free_port", "leftover_processes", "serve", "server_log", "serving", "start",
+__all__ = ["become_subreaper", "free_port", "leftover_processes", "serve", "serve_fullmodel", "server_log", "serving",
+           "start",
            "stop", "stop_all", "wait_for"]
 
 #: The process groups started and not yet stopped, by their leader.
@@ -120,6 +121,20 @@ def serve(model_uri: str, tracking_uri: str, extra_env: dict[str, str] | None = 
     )
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/ping", process, "mlflow models serve")
+    return process, url
+
+
+def serve_fullmodel(model_uri: str, tracking_uri: str, *options: str, seconds: float = 240,
+                    extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow-fullmodel serve` on loopback and wait until it is ready (the model verified,
+    loaded and warmed up: /ready answers 200); stopped if it is not."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **(extra_env or {}))
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    process = start([sys.executable, "-m", "mlflow_fullmodel.cli", "serve", model_uri, "--host", "127.0.0.1",
+                     "--port", str(port), *options], env)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(f"{url}/ready", process, f"mlflow-fullmodel serve {' '.join(options)}".strip(), seconds=seconds)
     return process, url
 
 

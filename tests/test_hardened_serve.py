@@ -14,7 +14,7 @@ import pytest
 import requests
 from hypothesis import given
 from hypothesis import strategies as st
-from servers import free_port, leftover_processes, server_log, start, stop, wait_for
+from servers import leftover_processes, serve_fullmodel, server_log, stop
 from support import EXAMPLE_TEXTS
 
 from mlflow_fullmodel.hardened import Guard, json_depth, sanitized
@@ -24,13 +24,7 @@ MAX_BODY = 1_000_000
 
 @pytest.fixture(scope="module")
 def hardened_server(tracking, registered_reviews):
-    port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    process = start([sys.executable, "-m", "mlflow_fullmodel.cli", "serve", "models:/reviews@champion",
-                     "--host", "127.0.0.1", "--port", str(port), "--max-body-bytes", str(MAX_BODY)], env)
-    url = f"http://127.0.0.1:{port}"
-    wait_for(f"{url}/ping", process, "mlflow-fullmodel serve", seconds=180)
+    process, url = serve_fullmodel("models:/reviews@champion", tracking, "--max-body-bytes", str(MAX_BODY))
     yield url, process
     stop(process)
 
@@ -84,7 +78,9 @@ def test_every_kind_of_bad_request_gets_a_clean_4xx_and_the_server_keeps_serving
     response = post(url, body, content_type)
     assert response.status_code == status, response.text[:500]
     error = response.json()
-    assert set(error) == {"error_code", "message"}
+    # The id names the request's line in the access log (test_operations).
+    assert set(error) == {"error_code", "message", "request_id"}
+    assert error["request_id"] == response.headers["X-Request-ID"]
     assert "Traceback" not in error["message"] and "site-packages" not in error["message"]
     assert "Failed to predict data" not in error["message"] and len(response.content) < 3_000
     if message is not None:
@@ -137,14 +133,8 @@ def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(hardened_serve
 @pytest.mark.slow
 def test_serve_with_two_workers_answers_from_each_as_from_one(tracking, registered_reviews, hardened_server):
     url_one, _ = hardened_server
-    port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    process = start([sys.executable, "-m", "mlflow_fullmodel.cli", "serve", "models:/reviews@champion",
-                     "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], env)
+    process, url = serve_fullmodel("models:/reviews@champion", tracking, "--workers", "2")
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/ping", process, "mlflow-fullmodel serve --workers 2", seconds=240)
         workers = [pid for pid, command in leftover_processes(process.pid) if "multiprocessing" in command
                    and "resource_tracker" not in command]
         assert len(workers) == 2, leftover_processes(process.pid)

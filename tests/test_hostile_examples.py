@@ -6,8 +6,6 @@ request, and the next good request is answered as the model in memory answers it
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +14,7 @@ import pytest
 import requests
 from images import b64, claimed_size_png, encoded, png
 from PIL import Image
-from servers import free_port, serve, start, stop, wait_for
+from servers import serve, serve_fullmodel, stop
 from support import IMAGE_EXAMPLE, TEXT_EXAMPLE
 
 import mlflow_fullmodel as fm
@@ -169,17 +167,6 @@ def expected(text_example, image_example) -> dict[str, list[Any]]:
     return answers
 
 
-def hardened(uri: str, tracking: str) -> tuple[Any, str]:
-    port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    process = start([sys.executable, "-m", "mlflow_fullmodel.cli", "serve", uri, "--host", "127.0.0.1",
-                     "--port", str(port)], env)
-    url = f"http://127.0.0.1:{port}"
-    wait_for(f"{url}/ping", process, "mlflow-fullmodel serve", seconds=180)
-    return process, url
-
-
 def both_models(start_one: Any, tracking: str) -> Iterator[dict[str, str]]:
     started = {name: start_one(uri, tracking) for name, (uri, _, _) in MODELS.items()}
     yield {name: url for name, (_, url) in started.items()}
@@ -190,7 +177,7 @@ def both_models(start_one: Any, tracking: str) -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def hardened_servers(tracking, text_example, image_example) -> Iterator[dict[str, str]]:
     """Both example models behind `mlflow-fullmodel serve`."""
-    yield from both_models(hardened, tracking)
+    yield from both_models(serve_fullmodel, tracking)
 
 
 @pytest.fixture(scope="module")
