@@ -91,8 +91,10 @@ def verify(model_uri: str, public_key: str | None, fresh_env: bool, allow_builds
                    "the old one, then swap (a version that fails keeps the old one serving).")
 @click.option("--poll-s", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
               help="With --follow-alias: seconds between looks at the alias.")
+@click.option("--metrics/--no-metrics", default=True, show_default=True, help="Keep Prometheus metrics at /metrics.")
 def serve_command(model_uri: str, host: str, port: int, public_key: str | None, max_body_bytes: int,
-                  max_json_depth: int, workers: int, grace_period: int, follow_alias: bool, poll_s: float) -> None:
+                  max_json_depth: int, workers: int, grace_period: int, follow_alias: bool, poll_s: float,
+                  metrics: bool) -> None:
     """Verify a model, then serve it as `mlflow models serve` does (same payloads, same answers),
     with bad requests refused cleanly: a missing Content-Type, a body or JSON nesting over the
     limits, unknown params; every error a JSON body without trace, path or echo of the request.
@@ -117,7 +119,7 @@ def serve_command(model_uri: str, host: str, port: int, public_key: str | None, 
         info = (version.name, str(version.version)) if version is not None else ("", "")
         settings = ServerSettings(report.local_path, (*info, report.digest, module_format(report.local_path)),
                                   max_body_bytes, max_json_depth, follow_alias=alias if follow_alias else None,
-                                  poll_s=poll_s, public_key=public_key)
+                                  poll_s=poll_s, public_key=public_key, metrics=metrics)
     click.echo(f"Verified {pinned} ({report.digest}; {', '.join(report.checks)}); serving on http://{host}:{port}",
                err=True)
     try:

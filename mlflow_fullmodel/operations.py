@@ -47,14 +47,14 @@ class Operations:
 
     Args:
         slot: Where the version answering now is.
-        metrics: The server's metrics.
+        metrics: The server's metrics; None to keep none (``/metrics`` is then a 404).
         on_startup: Called (with no arguments) at the ASGI lifespan's startup: it starts loading
             the model, in the background, so that the server answers ``/ping`` and ``/ready``
             while it loads.
         on_shutdown: Called at the lifespan's shutdown, after the last request was answered.
     """
 
-    def __init__(self, slot: ModelSlot, metrics: ServerMetrics, on_startup: Callable[[], None] = lambda: None,
+    def __init__(self, slot: ModelSlot, metrics: ServerMetrics | None, on_startup: Callable[[], None] = lambda: None,
                  on_shutdown: Callable[[], None] = lambda: None) -> None:
         self.slot = slot
         self.metrics = metrics
@@ -85,15 +85,17 @@ class Operations:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        self.metrics.in_flight.inc()
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
         try:
             with telemetry.recording(record):
                 await self._route(path, scope, receive, _with_request_id(send_with_id, request_id), served)
         finally:
-            self.metrics.in_flight.dec()
             seconds = time.perf_counter() - record.started
             record.refusal = _refusal(status, record.refusal)
-            self.metrics.observe(record, status, seconds)
+            if self.metrics is not None:
+                self.metrics.in_flight.dec()
+                self.metrics.observe(record, status, seconds)
             _access.info(json.dumps({
                 "request_id": request_id, "method": scope.get("method"), "route": record.route, "status": status,
                 "rows": record.rows, "latency_s": round(seconds, 6),
@@ -103,8 +105,10 @@ class Operations:
     async def _route(self, path: str, scope: Scope, receive: Receive, send: Send, served: Any) -> None:
         if path in ("/ping", "/health"):
             await _reply(send, 200, b"\n", "application/json")  # alive: MLflow's meaning
-        elif path == "/metrics":
+        elif path == "/metrics" and self.metrics is not None:
             await _reply(send, 200, self.metrics.scrape(), CONTENT_TYPE)
+        elif path == "/metrics":
+            await answer(send, 404, "NOT_FOUND", "This server keeps no metrics (mlflow-fullmodel serve --no-metrics).")
         elif path == "/ready":
             await self._ready(send, served)
         elif served is None:

@@ -58,6 +58,8 @@ class ServerSettings:
     follow_alias: str | None = None
     poll_s: float = 30.0
     public_key: str | None = None
+    #: Keep Prometheus metrics (``/metrics``).
+    metrics: bool = True
 
 
 #: Why this process's model failed to load, once it has.
@@ -175,4 +177,4 @@ def app() -> Operations:
             follower.stop()
         process_ended(os.getpid())
 
-    return Operations(slot, metrics, on_startup=startup, on_shutdown=shutdown)
+    return Operations(slot, metrics if settings.metrics else None, on_startup=startup, on_shutdown=shutdown)
