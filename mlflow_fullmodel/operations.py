@@ -99,7 +99,7 @@ class Operations:
             _access.info(json.dumps({
                 "request_id": request_id, "method": scope.get("method"), "route": record.route, "status": status,
                 "rows": record.rows, "latency_s": round(seconds, 6),
-                "model_version": served.version if served is not None else None, "refusal": record.refusal,
+                "model_version": served.version or None if served is not None else None, "refusal": record.refusal,
             }))
 
     async def _route(self, path: str, scope: Scope, receive: Receive, send: Send, served: Any) -> None:

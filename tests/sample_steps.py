@@ -4,6 +4,7 @@ this module as source into the models the tests save, the way it captures a user
 from __future__ import annotations
 
 import random
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -36,6 +37,22 @@ class Repeat(fm.Transform):
     def __call__(self, text: str, times: int | None = None) -> str:
         count = times if times is not None else self.times
         return " ".join([text] * count)
+
+
+class Pause(fm.Transform):
+    """Wait ``seconds`` on a text that starts with "[pause]" (and drop the mark): a request that
+    stays in flight as long as a test needs."""
+
+    MARK = "[pause]"
+
+    def __init__(self, seconds: float) -> None:
+        pass
+
+    def __call__(self, text: str) -> str:
+        if not text.startswith(self.MARK):
+            return text
+        time.sleep(self.seconds)
+        return text[len(self.MARK):]
 
 
 class Synonyms(fm.Transform):

@@ -79,9 +79,11 @@ def stop_all() -> None:
 atexit.register(stop_all)
 
 
-def server_log(process: subprocess.Popen) -> str:
+def server_log(process: subprocess.Popen, chars: int | None = 3000) -> str:
+    """What a server started by ``start`` printed (stdout and stderr): its last ``chars``, or all."""
     with open(process.log_path, errors="replace") as f:  # type: ignore[attr-defined]
-        return f.read()[-3000:]
+        text = f.read()
+    return text if chars is None else text[-chars:]
 
 
 def wait_for(url: str, process: subprocess.Popen, what: str, seconds: float = 180) -> None:
