@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 from mlflow_fullmodel.collate import Batch, PadCollate
 from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
 from mlflow_fullmodel.exceptions import (
+    AuditError,
     CodeCaptureError,
     ConfigError,
     DeadlineError,
@@ -55,6 +56,7 @@ _SERVING_FUNCTIONS = {"tune_scoring_server"}
 
 __all__ = [
     "Artifact",
+    "AuditError",
     "AverageOverSamples",
     "Batch",
     "BeamSearch",

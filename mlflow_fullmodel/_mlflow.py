@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.utils import _save_example
 from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+from mlflow.tracking.context.default_context import DefaultRunContext
 from mlflow.types.utils import _infer_schema
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
@@ -34,6 +35,7 @@ from mlflow.utils.environment import (
     _validate_env_arguments,
 )
 from mlflow.utils.file_utils import write_to
+from mlflow.utils.mlflow_tags import MLFLOW_USER
 from mlflow.utils.model_utils import (
     _get_flavor_configuration,
     _validate_and_copy_code_paths,
@@ -44,8 +46,9 @@ __all__ = [
     "CONDA_ENV_FILE", "CONSTRAINTS_FILE", "DEFAULT_AWAIT_REGISTRATION_S", "PREDICT_ECHO", "PYTHON_ENV_FILE",
     "PythonEnv", "REQUIREMENTS_FILE", "SCHEMA_ECHO", "SERVER_MODEL_PATH_VARIABLE", "SERVING_ENVIRONMENT_VARIABLE",
     "UnrewrittenMessage", "copy_code_paths", "download_artifacts", "get_flavor_configuration", "infer_schema",
-    "load_served_model", "prepare_save_path", "process_conda_env", "process_pip_requirements", "save_input_example",
-    "scoring_app", "scoring_server_threads", "store_beside_model", "validate_env_arguments", "write_text",
+    "load_served_model", "mlflow_user", "prepare_save_path", "process_conda_env", "process_pip_requirements",
+    "save_input_example", "scoring_app", "scoring_server_threads", "store_beside_model", "validate_env_arguments",
+    "write_text",
 ]
 
 # --- Saving a model: the helpers every MLflow flavor's save_model uses. ---
@@ -98,6 +101,18 @@ def store_beside_model(model_uri: str, local_file: str) -> str:
         location = repository.get_underlying_uri(location)
     get_artifact_repository(location).log_artifact(local_file)
     return location
+
+
+def mlflow_user() -> str:
+    """Who MLflow says is acting: the user it records as a new run's ``mlflow.user`` tag, i.e. the
+    tracking username of its credentials (``MLFLOW_TRACKING_USERNAME``, or ``~/.mlflow/credentials``)
+    or else the operating system's user. Depends on ``DefaultRunContext`` making that tag; where the
+    system has no name for the user (a container's uid without a passwd entry), "unknown", as MLflow
+    says when it cannot ask."""
+    try:
+        return str(DefaultRunContext().tags()[MLFLOW_USER])
+    except (KeyError, OSError):  # getpass.getuser(): no LOGNAME/USER and no passwd entry
+        return "unknown"
 
 
 # --- The scoring server (``mlflow models serve``). ---

@@ -74,5 +74,10 @@ class ParityError(FullModelError):
         self.stage = stage
 
 
+class AuditError(FullModelError):
+    """The registry's audit trail cannot answer: an alias with no audited previous version to roll
+    back to, an alias that is not set, or an audit record that is not one ``promote`` wrote."""
+
+
 class DeviceError(FullModelError):
     """The requested torch device is not available on this machine."""

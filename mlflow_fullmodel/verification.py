@@ -28,7 +28,11 @@ from mlflow_fullmodel.signing import SIGNATURE_FILE, sign_folder, verify_signatu
 from mlflow_fullmodel.storage import load_fullmodel, read_golden
 from mlflow_fullmodel.storage.integrity import Manifest, verify_manifest
 
-__all__ = ["Verification", "download_model", "sign_model", "verify_model"]
+__all__ = ["STAGES", "Verification", "download_model", "gate_stages", "sign_model", "stage_of", "verify_model"]
+
+#: The stages of ``verify_model`` in the order it runs them, by the names ``stage_of`` gives the
+#: entries of ``Verification.checks``.
+STAGES = ("digest", "manifest", "signature", "spec", "parity", "fresh-env")
 
 
 @dataclass
@@ -113,6 +117,25 @@ def verify_model(
         if scratch is not None and not keep_download:
             shutil.rmtree(scratch, ignore_errors=True)
     return report
+
+
+def stage_of(check: str) -> str:
+    """The stage an entry of ``Verification.checks`` (or of ``FullModelError.checks_passed``) names:
+    "digest recorded in model version reviews/3" is the "digest" stage, the others are their names."""
+    return "digest" if check.startswith("digest recorded in ") else check
+
+
+def gate_stages(*, public_key: bool, fresh_env: bool) -> list[str]:
+    """The stages ``verify_model(..., require_record=True)``, the registry's gate, runs: with a
+    public key the signature, with ``fresh_env`` the fresh environment's parity check too.
+
+    Example:
+
+    >>> gate_stages(public_key=False, fresh_env=False)
+    ['digest', 'manifest', 'spec', 'parity']
+    """
+    chosen = {"signature": public_key, "fresh-env": fresh_env}
+    return [stage for stage in STAGES if chosen.get(stage, True)]
 
 
 def _run_checks(report: Verification, actual: Manifest, public_key: str | None, parity: bool, fresh_env: bool,
