@@ -11,6 +11,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +19,9 @@ import mlflow_fullmodel
 from mlflow_fullmodel.env_cache import ENV_CACHE_VARIABLE, CachedEnv
 from mlflow_fullmodel.exceptions import FullModelError
 from mlflow_fullmodel.settings import DEFAULT_GRACE_PERIOD_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
+
+if TYPE_CHECKING:
+    from mlflow_fullmodel.lifecycle import Promotion
 
 ALLOW_BUILDS_HELP = ("With --fresh-env: let pip build source distributions (runs their setup.py); wheels only by "
                      "default.")
@@ -231,20 +235,86 @@ def diff(uri_a: str, uri_b: str, as_json: bool) -> None:
               help=ALLOW_BUILDS_HELP)
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
               help="Require a signature made with the private half of this PEM public key.")
+@click.option("--dry-run", is_flag=True, help="Run the gate only: move no alias, record nothing.")
 def promote(name: str, version: str | None, alias: str, from_alias: str | None, fresh_env: bool,
-            allow_builds: bool, public_key: str | None) -> None:
+            allow_builds: bool, public_key: str | None, dry_run: bool) -> None:
     """Verify version VERSION of registered model NAME, record the result on it as tags, then set
-    ALIAS to it. On any failure no alias changes."""
+    ALIAS to it. On any failure no alias changes. Each attempt, passed or refused, goes into the
+    model's audit trail (see: mlflow-fullmodel history NAME)."""
     from mlflow_fullmodel.lifecycle import promote as promote_version
 
     if (version is None) == (from_alias is None):
         raise click.UsageError("give either VERSION or --from-alias, not both and not neither.")
     with _errors_as_messages():
         done = promote_version(name, version, alias=alias, from_alias=from_alias, fresh_env=fresh_env,
-                               public_key=public_key, allow_builds=allow_builds)
+                               public_key=public_key, allow_builds=allow_builds, dry_run=dry_run)
+    _echo_promotion("promote", done)
+
+
+def _echo_promotion(action: str, done: Promotion) -> None:
     before = f" (it was on version {done.previous})" if done.previous and done.previous != done.version else ""
-    click.echo(f"Promoted {name} version {done.version} to @{alias}{before}: verified "
-               f"{', '.join(done.verification.checks)}; digest {done.verification.digest}.")
+    checked = f"verified {', '.join(done.verification.checks)}; digest {done.verification.digest}"
+    if done.event is None:
+        click.echo(f"Dry run: {done.name} version {done.version} passes the gate ({checked}). {action.capitalize()} "
+                   f"would move @{done.alias} to it{before}. Nothing was recorded.")
+        return
+    verb = {"promote": "Promoted", "rollback": "Rolled back"}[action]
+    click.echo(f"{verb} {done.name} version {done.version} to @{done.alias}{before}: {checked}.")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--alias", default=None, help="Only the events of this alias.")
+@click.option("--json", "as_json", is_flag=True, help="Print the events as a JSON list.")
+def history(name: str, alias: str | None, as_json: bool) -> None:
+    """Show the audit trail of registered model NAME, newest first: each promote and rollback, passed
+    or refused, with when (UTC), who (MLflow's user), the alias, the version it left and the one it
+    got, the digest, and for a refusal the stage that failed; --json adds each stage's result and
+    the refusal's message."""
+    from mlflow_fullmodel.audit import history as audit_history
+
+    with _errors_as_messages():
+        events = audit_history(name, alias)
+    if as_json:
+        click.echo(json.dumps([event.to_dict() for event in events], indent=2))
+        return
+    if not events:
+        which = f" of @{alias}" if alias else ""
+        click.echo(f"No promotion{which} of {name} is recorded (mlflow-fullmodel promote records each one).")
+        return
+    click.echo(f"{'when (UTC)':<19}  {'who':<12}  {'action':<8}  {'alias':<12}  {'from -> to':<10}  "
+               f"{'digest':<19}  result")
+    for event in events:
+        moved = f"{event.from_version or '-'} -> {event.to_version}"
+        digest = event.digest[:19] if event.digest else "-"
+        failed = [stage.stage for stage in event.stages if stage.result == "failed"]
+        why = (event.error or "").split(":", 1)[0]  # the error's type; its message is in --json
+        result = event.result + (f" at {failed[0]}: {why}" if failed else "")
+        click.echo(f"{event.at[:19].replace('T', ' '):<19}  {event.user:<12}  {event.action:<8}  {event.alias:<12}  "
+                   f"{moved:<10}  {digest:<19}  {result}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--alias", required=True, help="The alias to move back, e.g. champion.")
+@click.option("--fresh-env", is_flag=True,
+              help="Also check parity in an environment built from the model's requirements.")
+@click.option("--allow-builds", is_flag=True,
+              help=ALLOW_BUILDS_HELP)
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
+              help="Require a signature made with the private half of this PEM public key.")
+@click.option("--dry-run", is_flag=True, help="Run the gate only: move no alias, record nothing.")
+def rollback(name: str, alias: str, fresh_env: bool, allow_builds: bool, public_key: str | None,
+             dry_run: bool) -> None:
+    """Move ALIAS of registered model NAME back to the version it held before its latest audited
+    promotion, once that version passes promote's gate again; recorded in the audit trail. Rolling
+    back again goes one more promotion back."""
+    from mlflow_fullmodel.lifecycle import rollback as rollback_alias
+
+    with _errors_as_messages():
+        done = rollback_alias(name, alias=alias, fresh_env=fresh_env, public_key=public_key,
+                              allow_builds=allow_builds, dry_run=dry_run)
+    _echo_promotion("rollback", done)
 
 
 @main.group()

@@ -1,9 +1,11 @@
 """After ``log_model``: inspect a model, see what changed between two, promote a version by alias
-only once it is verified.
+only once it is verified, and roll an alias back.
 
 ``promote`` is the registry's gate: it verifies the version with the installed mlflow_fullmodel
 (``verification.verify_model``), records the result on the version as tags, and only then moves
-the alias. A failure leaves every alias where it was.
+the alias. A failure leaves every alias where it was. Each attempt, passed or refused, is an event
+of the registry's audit trail (``audit``); ``rollback`` moves an alias back to the version it held
+before, through the same gate.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import mlflow_fullmodel
-from mlflow_fullmodel.exceptions import FullModelError
+from mlflow_fullmodel.audit import AuditEvent, new_event, record_event, rollback_target, stage_results
+from mlflow_fullmodel.exceptions import AuditError, FullModelError
 from mlflow_fullmodel.flavor import flavor_configuration
 from mlflow_fullmodel.inspection import config_text, describe_model
 from mlflow_fullmodel.modules import load_module, named_tensors
 from mlflow_fullmodel.registry import recorded_digest, registered_version
 from mlflow_fullmodel.storage.integrity import confined_path, read_verified
-from mlflow_fullmodel.verification import Verification, download_model, verify_model
+from mlflow_fullmodel.verification import Verification, download_model, gate_stages, verify_model
 
-__all__ = ["VERIFICATION_TAG", "Promotion", "diff_models", "inspect_model", "promote"]
+__all__ = ["VERIFICATION_TAG", "Promotion", "diff_models", "inspect_model", "promote", "rollback"]
 
 #: Prefix of the tags ``promote`` writes on a model version.
 VERIFICATION_TAG = "fullmodel.verification"
@@ -320,13 +323,15 @@ def _code_diff(a: dict[str, str], b: dict[str, str]) -> str:
 
 @dataclass
 class Promotion:
-    """A version verified and given an alias."""
+    """A version verified and given an alias (by a dry run: verified only). ``event`` is what the
+    audit trail recorded; None for a dry run, which records nothing."""
 
     name: str
     version: str
     alias: str
     previous: str | None
     verification: Verification
+    event: AuditEvent | None = None
 
 
 def promote(
@@ -338,8 +343,10 @@ def promote(
     fresh_env: bool = False,
     public_key: str | None = None,
     allow_builds: bool = False,
+    dry_run: bool = False,
 ) -> Promotion:
-    """Verify a registered version, record the result on it as tags, then give it ``alias``.
+    """Verify a registered version, record the result on it as tags, then give it ``alias``; the
+    attempt, passed or refused, is an event of the model's audit trail (``audit.history``).
 
     Args:
         name: The registered model.
@@ -350,19 +357,23 @@ def promote(
         fresh_env: Also check parity in an environment built from the model's requirements.
         public_key: Require a signature made with this public key's private half.
         allow_builds: Let the fresh environment build source distributions (wheels only by default).
+        dry_run: Verify only: move no alias, record nothing (no tag on the version or the model),
+            and raise as a real attempt would.
 
     Returns:
-        What was promoted, the version the alias held before, and the verification.
+        What was promoted, the version the alias held before, the verification and the event.
 
     Raises:
         FullModelError: Verification failed (``IntegrityError``, ``SignatureError``,
-            ``ParityError``, ...); every alias is left as it was, and the failure is recorded.
+            ``ParityError``, ...); every alias is left as it was, and the failure is recorded
+            (unless ``dry_run``).
         MlflowException: The model, version or alias does not exist, or the registry is unreachable.
 
     Example::
 
         promote("reviews", "3", alias="champion")
         promote("reviews", from_alias="challenger", alias="champion", fresh_env=True)
+        promote("reviews", "4", alias="champion", dry_run=True).previous  # '3': the version it would replace
     """
     client = MlflowClient()
     if version is not None and from_alias is None:
@@ -376,15 +387,75 @@ def promote(
         previous = str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:  # the alias is not set yet
         previous = None
+    return _gate(client, "promote", name, version, alias, previous, fresh_env=fresh_env, public_key=public_key,
+                 allow_builds=allow_builds, dry_run=dry_run)
+
+
+def rollback(
+    name: str,
+    *,
+    alias: str,
+    fresh_env: bool = False,
+    public_key: str | None = None,
+    allow_builds: bool = False,
+    dry_run: bool = False,
+) -> Promotion:
+    """Move ``alias`` back to the version it held before its latest audited promotion, once that
+    version passes the same gate as ``promote`` again; recorded as a "rollback" event.
+
+    Rolling back again goes one more promotion back (``audit.rollback_target``). The arguments
+    after ``alias`` are ``promote``'s.
+
+    Returns:
+        The version rolled back to (``version``), the one the alias left (``previous``), the
+        verification and the event.
+
+    Raises:
+        AuditError: The alias is not set, or the audit trail has no version it held before (it was
+            set outside ``promote``, or its first audited version holds it).
+        FullModelError: The earlier version fails verification now (a refusal is recorded unless
+            ``dry_run``); the alias stays where it is.
+        MlflowException: The model does not exist, or the registry is unreachable.
+
+    Example::
+
+        rollback("reviews", alias="champion").version  # '3', after promote("reviews", "4", alias="champion")
+    """
+    current, previous = rollback_target(name, alias)
+    client = MlflowClient()
+    try:
+        client.get_model_version(name, previous)
+    except MlflowException:
+        raise AuditError(f"Version {previous} of {name}, which @{alias} held before version {current}, no longer "
+                         "exists: there is nothing to roll back to. Promote another version with: "
+                         f"mlflow-fullmodel promote {name} VERSION --alias {alias}") from None
+    return _gate(client, "rollback", name, previous, alias, current, fresh_env=fresh_env, public_key=public_key,
+                 allow_builds=allow_builds, dry_run=dry_run)
+
+
+def _gate(client: MlflowClient, action: str, name: str, version: str, alias: str, previous: str | None, *,
+          fresh_env: bool, public_key: str | None, allow_builds: bool, dry_run: bool) -> Promotion:
+    """Verify ``version``; unless ``dry_run``, record the result and the audit event and, once it
+    passed, move ``alias`` to it."""
+    stages = gate_stages(public_key=public_key is not None, fresh_env=fresh_env)
     try:
         verification = verify_model(f"models:/{name}/{version}", public_key=public_key, fresh_env=fresh_env,
                                     allow_builds=allow_builds, require_record=True, keep_download=False)
     except FullModelError as error:  # recorded with the checks that passed before it, and no more
-        _record(client, name, version, "failed", list(error.checks_passed), None, f"{type(error).__name__}: {error}")
+        if not dry_run:
+            message = f"{type(error).__name__}: {error}"
+            _record(client, name, version, "failed", list(error.checks_passed), None, message)
+            record_event(name, new_event(action, alias, previous, version,
+                                         stage_results(stages, error.checks_passed, refused=True), error=message))
         raise
+    if dry_run:
+        return Promotion(name, version, alias, previous, verification)
     _record(client, name, version, "passed", verification.checks, verification.digest, None)
     client.set_registered_model_alias(name, alias, version)
-    return Promotion(name, version, alias, previous, verification)
+    event = new_event(action, alias, previous, version, stage_results(stages, verification.checks, refused=False),
+                      digest=verification.digest)
+    record_event(name, event)
+    return Promotion(name, version, alias, previous, verification, event)
 
 
 def _record(client: MlflowClient, name: str, version: str, result: str, checks: list[str], digest: str | None,
