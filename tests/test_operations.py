@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from sample_steps import LABELS, BagOfIds, Normalize, Pause
-from servers import serve_fullmodel, server_log, stop
+from servers import free_port, serve_fullmodel, server_log, start, stop
 from support import EXAMPLE_TEXTS
 
 import mlflow_fullmodel as fm
@@ -480,3 +481,18 @@ def test_following_an_alias_swaps_versions_under_load_without_a_failed_request(t
               if name == "mlflow_fullmodel_model_info"}
     assert served == {first: 0, second: 1}
     assert f"Version {tampered} of {ROLLOUT} was not rolled out" in server_log(process, chars=None)
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_in_the_server_stops_it_with_the_reason(tracking, saved_reviews):
+    """Loaded in the background, after the server started listening: it still ends the server, with
+    exit status 1, not a server alive forever and never ready."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking, MLFLOW_FULLMODEL_BATCHING="ture")
+    process = start([sys.executable, "-m", "mlflow_fullmodel.cli", "serve", saved_reviews, "--host", "127.0.0.1",
+                     "--port", str(port)], env)
+    try:
+        assert process.wait(timeout=240) == 1
+        assert "MLFLOW_FULLMODEL_BATCHING" in server_log(process, chars=None)
+    finally:
+        stop(process)
