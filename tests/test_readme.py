@@ -104,3 +104,18 @@ def test_the_promote_section_runs_as_written_after_the_demo(tmp_path):
         assert answer.status_code == 200, answer.text
     finally:
         stop(process)
+
+    # Its audit trail, as written: the promotion above is in it, a dry run records nothing, the
+    # rollback goes back to the version the demo made champion.
+    block, = code_blocks(section("Audit trail and rollback"), "bash")
+    outputs = []
+    for command in [line.split("  #")[0].strip() for line in block.splitlines()]:
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-4000:])
+        outputs.append(result.stdout)
+    assert "Dry run: text-classifier version 1 passes the gate" in outputs[1]
+    assert "Rolled back text-classifier version 1 to @champion (it was on version 2)" in outputs[2]
+    events = json.loads(outputs[3])
+    assert [(e["action"], e["from_version"], e["to_version"], e["result"]) for e in events] == [
+        ("rollback", "2", "1", "moved"), ("promote", "1", "2", "moved")]
