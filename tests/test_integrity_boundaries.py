@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -397,6 +398,143 @@ def test_a_captured_module_that_cannot_be_imported_or_lacks_the_name_is_a_format
         import_steps({"s": "pkg.missing:X"}, str(code_dir))
     with pytest.raises(fm.ModelFormatError, match=r"Module 'steps' has no attribute 'Upper.nested' \(step steps:Upper"):
         import_steps({"s": "steps:Upper.nested"}, str(code_dir))
+
+
+
+def test_a_target_with_a_second_colon_reads_the_rest_as_the_qualname_of_the_first_module(code_dir):
+    with pytest.raises(fm.ModelFormatError, match=r"^Module 'steps' has no attribute 'Upper:extra' \(step "
+                                                  r"steps:Upper:extra\)\.$"):
+        import_steps({"s": "steps:Upper:extra"}, str(code_dir))
+
+
+def test_a_step_class_nested_in_a_class_resolves_by_its_dotted_qualname(code_dir):
+    write(code_dir, {"nested.py": "import mlflow_fullmodel as fm\n\nclass Holder:\n    class Nested(fm.Transform):\n"
+                                  "        def __call__(self, x):\n            return x\n"})
+    assert import_steps({"s": "nested:Holder.Nested"}, str(code_dir))["s"].__qualname__ == "Holder.Nested"
+
+
+def test_a_file_of_the_model_named_like_an_installed_package_does_not_let_that_package_in(code_dir):
+    write(code_dir, {"outside_pkg": "a data file, not a module"})
+    with pytest.raises(fm.IntegrityError, match=refused("outside_pkg:Outside", "names the module 'outside_pkg', which "
+                                                                               "is not part of the model")):
+        import_steps({"s": "outside_pkg:Outside"}, str(code_dir))
+
+
+def test_a_missing_captured_module_is_an_error_that_says_to_install_its_package(code_dir):
+    with pytest.raises(fm.ModelFormatError, match=r"\. If it comes from a package, install it \(see the model's "
+                                                  r"requirements\.txt\)\.$"):
+        import_steps({"s": "pkg.missing:X"}, str(code_dir))
+
+
+def test_a_models_modules_come_from_its_folder_even_when_its_code_puts_another_first_on_sys_path(tmp_path):
+    site = write(tmp_path / "site", {"words.py": "WORD = 'not the model'\n"})
+    code = write(tmp_path / "code", {"words.py": "WORD = 'the model'\n", "first.py": (
+        f"import sys\n\nsys.path.insert(0, {str(site)!r})\n\nimport mlflow_fullmodel as fm\nimport words\n\n\n"
+        "class First(fm.Transform):\n    def __call__(self, x):\n        return words.WORD\n")})
+    try:
+        assert import_steps({"s": "first:First"}, str(code))["s"]()(None) == "the model"
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("words", None)
+
+
+
+CALL_TIME_STEPS = """\
+import mlflow_fullmodel as fm
+import words
+from tree.branch import leaf
+
+import gate
+
+gate.loaded.append(leaf.LEAF)
+
+
+class CallTime(fm.Transform):
+    def __call__(self, case):
+        if case == "loaded":
+            from words import WORD
+            return WORD
+        if case == "plain":
+            import words
+            return words.WORD
+        if case == "dotted":
+            import tree.branch.leaf
+            return tree.branch.leaf.LEAF
+        if case == "from dotted":
+            from tree.branch.leaf import LEAF
+            return LEAF
+        if case == "relative":
+            from . import late
+            return late.LATE
+        if case == "not loaded yet":
+            import fresh
+            return fresh.FRESH
+        if case == "__import__":
+            return __import__("json").dumps("json")
+        from os.path import basename
+        return basename("/outside/of/the/model")
+"""
+
+
+@pytest.fixture
+def call_time(tmp_path, monkeypatch):
+    """A model whose step imports at call time: its own modules (loaded with it or not yet), a
+    package three levels deep, a relative sibling; beside it on ``sys.path``, modules of the same
+    names that are not the model's, and ``gate``, which a test uses to hold a load half-way."""
+    site = write(tmp_path / "site", {
+        "words.py": "WORD = 'not the model'\n", "fresh.py": "FRESH = 'not the model'\n",
+        "gate.py": "import threading\n\nloaded = []\nentered = threading.Event()\nrelease = threading.Event()\n",
+    })
+    monkeypatch.syspath_prepend(str(site))
+    code = write(tmp_path / "code", {
+        "words.py": "WORD = 'the model'\n", "fresh.py": "FRESH = 'the model, imported late'\n",
+        "leaf.py": "LEAF = 'a top-level leaf'\n",
+        "tree/__init__.py": "", "tree/late.py": "LATE = 'a sibling imported late'\n",
+        "tree/branch/__init__.py": "", "tree/branch/leaf.py": "LEAF = 'the leaf of tree.branch'\n",
+        "tree/steps.py": CALL_TIME_STEPS,
+    })
+    import gate
+
+    yield import_steps({"s": "tree.steps:CallTime"}, str(code))["s"](), gate, str(code)
+    for name in ("gate", "words", "fresh"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("case, answer", [
+    ("loaded", "the model"), ("plain", "the model"), ("dotted", "the leaf of tree.branch"), ("from dotted", "the leaf of tree.branch"),
+    ("relative", "a sibling imported late"), ("not loaded yet", "the model, imported late"),
+    ("__import__", '"json"'), ("outside", "model"),
+])
+def test_an_import_at_call_time_gets_the_models_own_module_and_leaves_none_behind(call_time, case, answer):
+    step, gate, code = call_time
+    assert gate.loaded == ["the leaf of tree.branch"]  # a submodule found in its package, not at the top
+    for _ in range(2):  # and again, once the module is loaded
+        assert step(case) == answer
+    assert not [name for name in sys.modules if name.split(".")[0] in {"tree", "words", "fresh", "leaf"}]
+    assert code not in sys.path
+
+
+def test_an_import_at_call_time_of_a_loaded_module_does_not_wait_for_another_models_load(call_time, tmp_path):
+    step, gate, _ = call_time
+    slow = write(tmp_path / "slow", {"slow_steps.py": (
+        "import gate\n\ngate.entered.set()\ngate.release.wait(30)\n\nimport mlflow_fullmodel as fm\n\n\n"
+        "class Slow(fm.Transform):\n    def __call__(self, x):\n        return x\n")})
+    order = []
+
+    def load() -> None:
+        import_steps({"s": "slow_steps:Slow"}, str(slow))
+        order.append("the other model loaded")
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        assert gate.entered.wait(30)
+        assert step("loaded") == "the model"  # while the other load holds the import lock
+        order.append("answered")
+    finally:
+        gate.release.set()
+        loader.join()
+    assert order == ["answered", "the other model loaded"]
 
 
 

@@ -27,14 +27,12 @@ def without(monkeypatch):
     return hide
 
 
-@pytest.mark.parametrize("build", [
-    lambda: SentencePieceEncode(fm.Artifact(__file__)),
-    lambda: SentencePieceDecode(fm.Artifact(__file__)),
-])
-def test_a_sentencepiece_step_without_sentencepiece_names_the_extra(without, build):
+@pytest.mark.parametrize("step", [SentencePieceEncode, SentencePieceDecode])
+def test_a_sentencepiece_step_without_sentencepiece_names_itself_and_the_extra(without, step):
     without("sentencepiece")
-    with pytest.raises(fm.ConfigError, match=r"needs the sentencepiece package.*mlflow-fullmodel\[sentencepiece\]"):
-        build()
+    with pytest.raises(fm.ConfigError, match=rf"^{step.__name__} needs the sentencepiece package.*"
+                                             r"mlflow-fullmodel\[sentencepiece\]"):
+        step(fm.Artifact(__file__))
 
 
 @pytest.mark.parametrize("build", [DecodeImage, lambda: Resize(8), ToTensor])

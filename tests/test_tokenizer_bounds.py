@@ -114,6 +114,25 @@ def test_sentencepiece_encode_refuses_a_text_without_tokens_alone_and_in_a_batch
         step.batch(["a film", ""] * 5)
 
 
+
+def test_sentencepiece_encode_refuses_a_path_that_is_not_an_artifact_naming_the_argument_and_the_fix(spm_path):
+    with pytest.raises(fm.ConfigError, match=r"^SentencePieceEncode: model_file must be an Artifact, got str; .*"
+                                             r"Artifact\('spm\.model'\)"):
+        SentencePieceEncode(spm_path)
+
+
+def test_sentencepiece_encode_refuses_a_text_that_is_not_a_string_naming_its_type(spm_path):
+    with pytest.raises(fm.InputError, match=r"^expected a string, got int$"):
+        SentencePieceEncode(fm.Artifact(spm_path))(3)
+
+
+def test_sentencepiece_encode_gives_each_row_of_a_small_batch_its_own_ids(spm_path, spm):
+    texts = [TEXT, "a dull film", "what a plot"]
+    for rows in (2, 3):
+        got = SentencePieceEncode(fm.Artifact(spm_path)).batch(texts[:rows])
+        assert [row.tolist() for row in got] == [spm.EncodeAsIds(text) for text in texts[:rows]]
+
+
 # -- TokenizerDecode ------------------------------------------------------------------------------
 
 
@@ -212,6 +231,13 @@ def test_the_decode_steps_refuse_anything_but_a_list_of_id_score_pairs(spm_path,
                                                  rf"{type(candidates).__name__}; use one "
                                                  r"of them as the FullModel's forward strategy\.$"):
             step(artifact)(candidates)
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([[4, 5]]), torch.tensor([[4], [5]]), torch.tensor(4)])
+def test_the_decode_steps_refuse_token_ids_that_are_not_one_dimensional(spm_path, hf_tokenizer_path, ids):
+    for step, artifact, _ in decoders(spm_path, hf_tokenizer_path):
+        with pytest.raises(fm.ConfigError, match=rf"^{step.__name__} expects a list of \(token_ids, score\) candidates"):
+            step(artifact)([([4], 0.0), (ids, -1.0)])
 
 
 def test_the_decode_steps_answer_the_best_candidate_in_their_default_column_and_nothing_for_none(spm_path,

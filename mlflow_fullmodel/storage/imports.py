@@ -90,8 +90,9 @@ class _ModelImporter:
         if not self.owns(absolute):
             return builtins.__import__(name, globals, locals, fromlist, level)
         # A step's import at call time, once its module is loaded: no lock, no sys.modules swap.
+        # ``import a.b`` passes fromlist=None.
         loaded = self.modules.get(absolute)
-        if loaded is not None and all(hasattr(loaded, attribute) for attribute in fromlist):
+        if loaded is not None and all(hasattr(loaded, attribute) for attribute in fromlist or ()):
             return loaded if fromlist else self.modules[absolute.partition(".")[0]]
         with self.active():
             return builtins.__import__(name, globals, locals, fromlist, level)

@@ -52,7 +52,8 @@ def checked_candidates(
     if not (
         isinstance(candidates, (list, tuple))
         and all(
-            isinstance(c, (list, tuple)) and len(c) == 2 and isinstance(c[0], (list, tuple, torch.Tensor))
+            isinstance(c, (list, tuple)) and len(c) == 2
+            and (isinstance(c[0], (list, tuple)) or (isinstance(c[0], torch.Tensor) and c[0].dim() == 1))
             for c in candidates
         )
     ):
