@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from benchmarks import bench_batch, bench_coldstart, bench_serving, bench_spark
+from benchmarks import bench_batch, bench_coldstart, bench_operations, bench_serving, bench_spark
 from benchmarks.common import table
 
 
@@ -27,6 +27,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--write", action="store_true", help="write benchmarks/RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="the operations benchmark at its small size")
     args = parser.parse_args()
     print(f"Machine: {machine()}")
     batch = bench_batch.main()
@@ -34,6 +35,7 @@ def main() -> None:
     workers = bench_serving.workers_main()
     cold = bench_coldstart.main()
     spark = bench_spark.main()
+    operations = bench_operations.main(quick=args.quick)
     if args.write:
         text = [
             "# Benchmark results", "",
@@ -49,6 +51,18 @@ def main() -> None:
             table(cold, bench_coldstart.HEADER), "",
             f"## Spark (`spark_udf` in local mode against in-process predict, {bench_spark.ROWS} rows, best of 3)", "",
             table(spark, bench_spark.HEADER), "",
+            "## Operating a served model (`mlflow-fullmodel serve`)", "",
+            "The metrics' pieces in-process (us per request, best of 5):", "",
+            table(operations["pieces"], bench_operations.PIECES_HEADER), "",
+            "One request at a time through each layer of the app, in-process (median of blocks of 200):", "",
+            table(operations["layers"], bench_operations.LAYERS_HEADER), "",
+            "With and without metrics (`--no-metrics`), and `mlflow models serve`, single-row requests, the "
+            "servers taking turns; ratios per round, median [range]:", "",
+            table(operations["cost"], bench_operations.COST_HEADER), "",
+            "The first request after ready (a fresh server each run):", "",
+            table(operations["first"], bench_operations.FIRST_HEADER), "",
+            "An alias rollout under load (8 clients, `--follow-alias --poll-s 1`; 1 -> 2, then 2 -> 3, tampered):", "",
+            table(operations["swap"], bench_operations.SWAP_HEADER), "",
         ]
         path = Path(__file__).resolve().parent / "RESULTS.md"
         previous = path.read_text() if path.exists() else ""
