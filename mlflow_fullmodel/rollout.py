@@ -10,6 +10,7 @@ fails any of that is logged and counted, and the old one goes on answering.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from mlflow_fullmodel.exceptions import ParityError
 from mlflow_fullmodel.hardened import Guard
 from mlflow_fullmodel.metrics import ModelInfo, ServerMetrics
 
-__all__ = ["AliasFollower", "GuardSettings", "ModelSlot", "ServedVersion", "load_version", "warm_up"]
+__all__ = ["AliasFollower", "GuardSettings", "ModelSlot", "ServedVersion", "load_version", "warm_up", "warm_up_app"]
 
 _logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def load_version(model_path: str, info: ModelInfo, guard: GuardSettings, downloa
     inputs = model.metadata.get_input_schema()
     columns = [str(name) for name in inputs.input_names()] if inputs is not None and inputs.has_input_names() else []
     app = Guard(scoring_app(model), params, guard.max_body_bytes, guard.max_json_depth, names=columns)
+    warm_up_app(app, model_path)
     return ServedVersion(app, info, download_dir)
 
 
@@ -103,6 +105,51 @@ def warm_up(model: Any, folder: str) -> list[int]:
         for _ in range(_WARM_RUNS):
             model.predict(frame, params=golden.params or None)
     return sizes
+
+
+def warm_up_app(app: Any, model_path: str) -> int:
+    """Send the model's serving example (``serving_input_example.json``, saved by MLflow) through
+    the served app as ``POST /invocations`` requests: what a request meets before the model, first
+    time in a process (MLflow's parsing, the guard's checks and their threads), is paid here.
+    Returns the requests answered 200; one that is not is logged, and serving goes on (the golden
+    example already passed)."""
+    from mlflow.models.utils import SERVING_INPUT_FILENAME
+
+    path = os.path.join(model_path, SERVING_INPUT_FILENAME)
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        body = f.read()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/invocations", "raw_path": b"/invocations", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+
+    async def request() -> int:
+        status = 500
+        done = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if done.is_set():
+                await asyncio.Event().wait()  # no disconnect: the answer is read whole
+            done.set()
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+
+        await app(dict(scope), receive, send)
+        return status
+
+    async def requests() -> list[int]:
+        return [await request() for _ in range(_WARM_RUNS)]
+
+    statuses = asyncio.run(requests())
+    if any(status != 200 for status in statuses):
+        _logger.warning("The model's serving example was answered %s in the warm-up", statuses)
+    return statuses.count(200)
 
 
 class ModelSlot:

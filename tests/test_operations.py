@@ -35,7 +35,7 @@ from mlflow_fullmodel import telemetry
 from mlflow_fullmodel._mlflow import load_served_model
 from mlflow_fullmodel.metrics import ServerMetrics
 from mlflow_fullmodel.operations import ACCESS_LOGGER, Operations
-from mlflow_fullmodel.rollout import GuardSettings, ModelSlot, ServedVersion, load_version, warm_up
+from mlflow_fullmodel.rollout import GuardSettings, ModelSlot, ServedVersion, load_version, warm_up, warm_up_app
 from mlflow_fullmodel.serving import ServingError, serve
 from mlflow_fullmodel.settings import ServingSettings
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
@@ -293,6 +293,14 @@ def test_the_warm_up_runs_the_golden_example_at_one_row_and_a_full_batch(saved_r
         assert warm_up(model, os.path.join(saved_reviews, "fullmodel")) == [1, 2]
     # TorchScript optimises a graph on its second run: each shape runs three times.
     assert record.forward_batches == [1, 1, 1, 2, 2, 2]
+
+
+def test_the_warm_up_sends_the_serving_example_through_the_served_app(saved_reviews, version):
+    """MLflow's parsing and the guard's checks run once before ready, not on the first request."""
+    assert warm_up_app(version.app, saved_reviews) == 3
+    too_small = loaded(saved_reviews).app
+    too_small.max_body_bytes = 10  # the example is refused: logged, and no request counted as warm
+    assert warm_up_app(too_small, saved_reviews) == 0
 
 
 # -- real servers ----------------------------------------------------------------------------------
