@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -224,18 +224,27 @@ def diff(uri_a: str, uri_b: str, as_json: bool) -> None:
             click.echo(f"  {change}")
 
 
+def _gate_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options of the registry's gate, shared by promote and rollback."""
+    options = [
+        click.option("--fresh-env", is_flag=True,
+                     help="Also check parity in an environment built from the model's requirements."),
+        click.option("--allow-builds", is_flag=True, help=ALLOW_BUILDS_HELP),
+        click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
+                     help="Require a signature made with the private half of this PEM public key."),
+        click.option("--dry-run", is_flag=True, help="Run the gate only: move no alias, record nothing."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("name")
 @click.argument("version", required=False)
 @click.option("--alias", required=True, help="The alias to give the version, e.g. champion.")
 @click.option("--from-alias", default=None, help="Promote the version this alias holds instead of VERSION.")
-@click.option("--fresh-env", is_flag=True,
-              help="Also check parity in an environment built from the model's requirements.")
-@click.option("--allow-builds", is_flag=True,
-              help=ALLOW_BUILDS_HELP)
-@click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
-              help="Require a signature made with the private half of this PEM public key.")
-@click.option("--dry-run", is_flag=True, help="Run the gate only: move no alias, record nothing.")
+@_gate_options
 def promote(name: str, version: str | None, alias: str, from_alias: str | None, fresh_env: bool,
             allow_builds: bool, public_key: str | None, dry_run: bool) -> None:
     """Verify version VERSION of registered model NAME, record the result on it as tags, then set
@@ -297,13 +306,7 @@ def history(name: str, alias: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("name")
 @click.option("--alias", required=True, help="The alias to move back, e.g. champion.")
-@click.option("--fresh-env", is_flag=True,
-              help="Also check parity in an environment built from the model's requirements.")
-@click.option("--allow-builds", is_flag=True,
-              help=ALLOW_BUILDS_HELP)
-@click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
-              help="Require a signature made with the private half of this PEM public key.")
-@click.option("--dry-run", is_flag=True, help="Run the gate only: move no alias, record nothing.")
+@_gate_options
 def rollback(name: str, alias: str, fresh_env: bool, allow_builds: bool, public_key: str | None,
              dry_run: bool) -> None:
     """Move ALIAS of registered model NAME back to the version it held before its latest audited
