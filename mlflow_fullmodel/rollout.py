@@ -45,11 +45,13 @@ class GuardSettings:
 @dataclass(frozen=True)
 class ServedVersion:
     """A model ready to answer: its app (``hardened.Guard`` around MLflow's scoring app), what it
-    is (registered name, version, digest, module format) and the download to remove after it."""
+    is (registered name, version, digest, module format), the download to remove after it, and the
+    loaded pyfunc model itself (its metadata: signature, params; ``predict_stream``)."""
 
     app: Any
     info: ModelInfo
     download_dir: str | None = None
+    model: Any = None
 
     @property
     def version(self) -> str:
@@ -84,7 +86,7 @@ def load_version(model_path: str, info: ModelInfo, guard: GuardSettings, downloa
     columns = [str(name) for name in inputs.input_names()] if inputs is not None and inputs.has_input_names() else []
     app = Guard(scoring_app(model), params, guard.max_body_bytes, guard.max_json_depth, names=columns)
     warm_up_app(app, model_path)
-    return ServedVersion(app, info, download_dir)
+    return ServedVersion(app, info, download_dir, model)
 
 
 def warm_up(model: Any, folder: str) -> list[int]:
