@@ -96,17 +96,22 @@ def verify(model_uri: str, public_key: str | None, fresh_env: bool, allow_builds
 @click.option("--poll-s", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
               help="With --follow-alias: seconds between looks at the alias.")
 @click.option("--metrics/--no-metrics", default=True, show_default=True, help="Keep Prometheus metrics at /metrics.")
+@click.option("--name", "model_name", default=None,
+              help="The model's name in the Open Inference Protocol's paths (/v2/models/NAME/infer). Default: the "
+                   "registered model's name for a models:/ URI, else the URI's last part (runs:/ID/model: model).")
 def serve_command(model_uri: str, host: str, port: int, public_key: str | None, max_body_bytes: int,
                   max_json_depth: int, workers: int, grace_period: int, follow_alias: bool, poll_s: float,
-                  metrics: bool) -> None:
+                  metrics: bool, model_name: str | None) -> None:
     """Verify a model, then serve it as `mlflow models serve` does (same payloads, same answers),
     with bad requests refused cleanly: a missing Content-Type, a body or JSON nesting over the
     limits, unknown params; every error a JSON body without trace, path or echo of the request.
 
     For operators: GET /metrics (Prometheus), GET /ready (200 once the model is verified, loaded
     and warmed up), an X-Request-ID on every answer and a JSON access log line per request on
-    stdout; SIGTERM answers every request taken, then exits 0.
+    stdout; SIGTERM answers every request taken, then exits 0. The Open Inference Protocol (KServe
+    V2, Triton clients) is served beside /invocations under /v2, with the same checks.
     """
+    from mlflow_fullmodel.oip import valid_name
     from mlflow_fullmodel.registry import registered_version
     from mlflow_fullmodel.rollout import module_format
     from mlflow_fullmodel.server import ServerSettings, serve
@@ -115,15 +120,19 @@ def serve_command(model_uri: str, host: str, port: int, public_key: str | None, 
     alias = model_uri.partition("@")[2] if model_uri.startswith("models:/") else ""
     if follow_alias and not alias:
         raise click.UsageError("--follow-alias needs a models:/NAME@ALIAS model URI.")
+    if model_name is not None and not valid_name(model_name):
+        raise click.BadParameter("a name of letters, digits and ._- (up to 128), starting with a letter or digit.",
+                                 param_hint="'--name'")
     with _errors_as_messages():
         # The alias's version, pinned: it may move while this one is verified.
         version = registered_version(model_uri)
         pinned = f"models:/{version.name}/{version.version}" if version is not None else model_uri
         report = verify_model(pinned, public_key=public_key)
         info = (version.name, str(version.version)) if version is not None else ("", "")
+        name = model_name or (version.name if version is not None else _name_of_uri(model_uri))
         settings = ServerSettings(report.local_path, (*info, report.digest, module_format(report.local_path)),
                                   max_body_bytes, max_json_depth, follow_alias=alias if follow_alias else None,
-                                  poll_s=poll_s, public_key=public_key, metrics=metrics)
+                                  poll_s=poll_s, public_key=public_key, metrics=metrics, name=name)
     click.echo(f"Verified {pinned} ({report.digest}; {', '.join(report.checks)}); serving on http://{host}:{port}",
                err=True)
     try:
@@ -132,6 +141,17 @@ def serve_command(model_uri: str, host: str, port: int, public_key: str | None, 
     finally:
         if report.download_dir is not None:
             shutil.rmtree(report.download_dir, ignore_errors=True)
+
+
+def _name_of_uri(model_uri: str) -> str:
+    """The OIP name of a model served from a URI outside the registry: its last part."""
+    from mlflow_fullmodel.oip import valid_name
+
+    name = model_uri.rstrip("/").rpartition("/")[2]
+    if not valid_name(name):
+        raise click.UsageError(f"{model_uri} gives no name for the Open Inference Protocol's paths; give one "
+                               "with --name.")
+    return name
 
 
 @main.command()

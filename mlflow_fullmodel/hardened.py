@@ -25,7 +25,7 @@ from mlflow_fullmodel import telemetry
 from mlflow_fullmodel._mlflow import PREDICT_ECHO, SCHEMA_ECHO
 from mlflow_fullmodel.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
 
-__all__ = ["Guard", "answer", "json_depth", "request_values", "sanitized", "scrubbed"]
+__all__ = ["Guard", "JsonProblem", "answer", "json_depth", "parse_json", "request_values", "sanitized", "scrubbed"]
 
 _logger = logging.getLogger(__name__)
 
@@ -178,17 +178,8 @@ class Guard:
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         content_type = headers.get(b"content-type", b"").decode("latin-1").strip()
-        declared = headers.get(b"content-length", b"").decode("latin-1").strip()
-        if declared and not declared.isdigit():
-            await answer(send, 400, "BAD_REQUEST", "The Content-Length header is not a number of bytes.")
-            return
-        # Refused before a byte of the body is read: the client has said how large it is.
-        if declared and int(declared) > self.max_body_bytes:
-            await self._too_large(send)
-            return
-        body = await self._read_body(receive)
+        body = await self.read_body(scope, receive, send)
         if body is None:
-            await self._too_large(send)
             return
         if not content_type:
             await answer(send, 415, "BAD_REQUEST", "The request has no Content-Type header; send application/json "
@@ -231,6 +222,23 @@ class Guard:
             lambda: scrubbed(message, request_values(body, content_type), self.names))
         await answer(send, status, error_code, message)
 
+    async def read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The request's whole body; or None, once it has answered a 400 (a Content-Length that is
+        no number) or a 413 (a body over ``max_body_bytes``)."""
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+        if declared and not declared.isdigit():
+            await answer(send, 400, "BAD_REQUEST", "The Content-Length header is not a number of bytes.")
+            return None
+        # Refused before a byte of the body is read: the client has said how large it is.
+        if declared and int(declared) > self.max_body_bytes:
+            await self._too_large(send)
+            return None
+        body = await self._read_body(receive)
+        if body is None:
+            await self._too_large(send)
+        return body
+
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body, or None as soon as it passes ``max_body_bytes`` (a chunked body has no
         Content-Length to refuse it by)."""
@@ -253,16 +261,10 @@ class Guard:
 
     def _json_problem(self, body: bytes) -> tuple[str, str] | None:
         """What is wrong with a JSON body, if anything: (``telemetry.REFUSALS`` reason, message)."""
-        depth = json_depth(body)
-        if depth > self.max_json_depth:
-            return "limit", (f"The JSON body is nested {depth} levels deep, over the limit of {self.max_json_depth} "
-                             "(mlflow-fullmodel serve --max-json-depth).")
         try:
-            payload = json.loads(body, object_pairs_hook=_unique_keys)
-        except _DuplicateKey as error:
-            return "bad_input", str(error)
-        except (ValueError, RecursionError) as error:  # invalid UTF-8 or JSON, an integer of 5,000 digits
-            return "bad_input", f"The body is not valid JSON: {sanitized(str(error))[:300]}"
+            payload = parse_json(body, self.max_json_depth)
+        except JsonProblem as problem:
+            return problem.reason, problem.message
         # With on_error="return" a null row is answered with its error, except where MLflow would
         # have turned it into the text "None" first.
         returns_errors = isinstance(payload, dict) and isinstance(payload.get("params"), dict) and \
@@ -279,6 +281,35 @@ class Guard:
             if unknown:
                 return "bad_input", _unknown_params(unknown, self.params)
         return None
+
+
+class JsonProblem(ValueError):
+    """A JSON body refused before it is parsed or while it is: why (``reason``, one of
+    ``telemetry.REFUSALS``) and what to tell the client (``message``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def parse_json(body: bytes, max_json_depth: int) -> Any:
+    """A JSON body parsed, after its nesting is checked against ``max_json_depth`` without parsing
+    it; a key repeated in one object is refused (JSON parsers disagree on which value wins).
+
+    Raises:
+        JsonProblem: The body is nested too deep, is not JSON, or repeats a key.
+    """
+    depth = json_depth(body)
+    if depth > max_json_depth:
+        raise JsonProblem("limit", f"The JSON body is nested {depth} levels deep, over the limit of {max_json_depth} "
+                          "(mlflow-fullmodel serve --max-json-depth).")
+    try:
+        return json.loads(body, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as error:
+        raise JsonProblem("bad_input", str(error)) from None
+    except (ValueError, RecursionError) as error:  # invalid UTF-8 or JSON, an integer of 5,000 digits
+        raise JsonProblem("bad_input", f"The body is not valid JSON: {sanitized(str(error))[:300]}") from None
 
 
 def _unknown_params(unknown: list[str], valid: list[str]) -> str:

@@ -4,8 +4,9 @@ For every request: an id (``X-Request-ID``, taken from the request or made), ret
 answer and in any error body; a ``telemetry.RequestRecord`` gathered while it runs; one JSON line
 in the access log and one ``metrics.ServerMetrics.observe`` when it ends. Its own routes:
 ``/metrics`` (Prometheus), ``/ready`` (200 once a verified model is loaded and warmed, else 503),
-``/ping`` and ``/health`` (alive, as in MLflow's server). Everything else goes to the version the
-``rollout.ModelSlot`` holds when the request arrives, and is a 503 while there is none yet.
+``/ping`` and ``/health`` (alive, as in MLflow's server), the Open Inference Protocol under ``/v2``
+(``oip``). Everything else goes to the version the ``rollout.ModelSlot`` holds when the request
+arrives, and is a 503 while there is none yet.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from mlflow_fullmodel import telemetry
+from mlflow_fullmodel import oip, telemetry
 from mlflow_fullmodel.hardened import Message, Receive, Scope, Send, answer
 from mlflow_fullmodel.metrics import CONTENT_TYPE, ServerMetrics
 from mlflow_fullmodel.rollout import ModelSlot
@@ -52,11 +53,13 @@ class Operations:
             the model, in the background, so that the server answers ``/ping`` and ``/ready``
             while it loads.
         on_shutdown: Called at the lifespan's shutdown, after the last request was answered.
+        name: The model's name in the Open Inference Protocol's paths (``/v2/models/{name}``, ``oip``).
     """
 
     def __init__(self, slot: ModelSlot, metrics: ServerMetrics | None, on_startup: Callable[[], None] = lambda: None,
-                 on_shutdown: Callable[[], None] = lambda: None) -> None:
+                 on_shutdown: Callable[[], None] = lambda: None, name: str = "model") -> None:
         self.slot = slot
+        self.name = name
         self.metrics = metrics
         self.on_startup = on_startup
         self.on_shutdown = on_shutdown
@@ -71,7 +74,7 @@ class Operations:
         headers = dict(scope.get("headers", []))
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        record = telemetry.RequestRecord(request_id, path if path in _ROUTES else "other")
+        record = telemetry.RequestRecord(request_id, path if path in _ROUTES else oip.route_name(path, self.name))
         served = self.slot.current
         status = 500
         extra = [(REQUEST_ID_HEADER.encode(), request_id.encode())]
@@ -111,6 +114,8 @@ class Operations:
             await answer(send, 404, "NOT_FOUND", "This server keeps no metrics (mlflow-fullmodel serve --no-metrics).")
         elif path == "/ready":
             await self._ready(send, served)
+        elif path == "/v2" or path.startswith("/v2/"):
+            await oip.respond(path, scope, receive, send, served, self.name, self.slot.failure)
         elif served is None:
             telemetry.refused("not_ready")
             why = self.slot.failure or "the model is being verified, loaded and warmed up"

@@ -60,6 +60,8 @@ class ServerSettings:
     public_key: str | None = None
     #: Keep Prometheus metrics (``/metrics``).
     metrics: bool = True
+    #: The model's name in the Open Inference Protocol's paths (``/v2/models/{name}``).
+    name: str = "model"
 
 
 #: Why this process's model failed to load, once it has.
@@ -177,4 +179,5 @@ def app() -> Operations:
             follower.stop()
         process_ended(os.getpid())
 
-    return Operations(slot, metrics if settings.metrics else None, on_startup=startup, on_shutdown=shutdown)
+    return Operations(slot, metrics if settings.metrics else None, on_startup=startup, on_shutdown=shutdown,
+                      name=settings.name)

@@ -18,7 +18,15 @@ import pytest
 import torch
 from sample_steps import LABELS, BagOfIds, Normalize, corpus, train_tokenizer
 from servers import become_subreaper, free_port, leftover_processes, serve, start, stop, stop_all, wait_for
-from support import EXAMPLE_TEXTS, HF_SPECIAL_TOKENS, IMAGE_EXAMPLE, TEXT_EXAMPLE, latest_run, train_example
+from support import (
+    EXAMPLE_TEXTS,
+    HF_SPECIAL_TOKENS,
+    IMAGE_EXAMPLE,
+    TEXT_EXAMPLE,
+    TRANSLATOR_EXAMPLE,
+    latest_run,
+    train_example,
+)
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
@@ -165,6 +173,15 @@ def image_example(tracking: str, tmp_path_factory: pytest.TempPathFactory) -> di
     versions = {v.tags["variant"]: v for v in client.search_model_versions(f"name='{IMAGE_EXAMPLE}'")}
     runs = {variant: client.get_run(v.run_id) for variant, v in versions.items()}
     return {"versions": versions, "runs": runs, "stdout": stdout}
+
+
+@pytest.fixture(scope="session")
+def translator_example(tracking: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The translator example, trained once and registered as ``example-translator@champion``."""
+    stdout = train_example("translator", tracking, tmp_path_factory.mktemp("translator"),
+                           "--registered-model-name", TRANSLATOR_EXAMPLE)
+    assert f"mlflow models serve -m models:/{TRANSLATOR_EXAMPLE}@champion" in stdout
+    return {"run": latest_run("translator"), "stdout": stdout}
 
 
 @pytest.fixture(scope="session")

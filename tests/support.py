@@ -20,7 +20,7 @@ HF_SPECIAL_TOKENS = ["[UNK]", "[PAD]", "[CLS]", "[SEP]"]
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_projects"
 #: The registered names of the example models trained once per test session.
-TEXT_EXAMPLE, IMAGE_EXAMPLE = "example-text", "example-images"
+TEXT_EXAMPLE, IMAGE_EXAMPLE, TRANSLATOR_EXAMPLE = "example-text", "example-images", "example-translator"
 
 
 def train_example(project: str, tracking_uri: str, workdir: Path, *arguments: str) -> str:

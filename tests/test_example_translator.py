@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import requests
 from servers import serve, stop
-from support import latest_run, train_example
+from support import train_example
 
 import mlflow_fullmodel as fm
 from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
@@ -22,12 +22,9 @@ SOURCES = ["7", "42", "1,234", " 9 999 ", "305", "12", "8000", "610", "77", "4 3
 
 
 @pytest.fixture(scope="module")
-def trained(tracking: str, tmp_path_factory) -> dict:
+def trained(translator_example: dict) -> dict:
     """One tiny training run of the example, as a user runs it: a script in its own process."""
-    stdout = train_example("translator", tracking, tmp_path_factory.mktemp("translator"),
-                           "--registered-model-name", "example-translator")
-    assert f"mlflow models serve -m {URI}" in stdout
-    return {"run": latest_run("translator"), "stdout": stdout}
+    return translator_example
 
 
 @pytest.fixture(scope="module")

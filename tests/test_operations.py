@@ -8,7 +8,6 @@ servers over HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import pandas as pd
 import pytest
 import requests
 import torch
-from prometheus_client.parser import text_string_to_metric_families
+from asgi import call, samples, value
 from sample_steps import LABELS, BagOfIds, Normalize, Pause
 from servers import free_port, serve_fullmodel, server_log, start, stop
 from support import EXAMPLE_TEXTS
@@ -44,58 +43,7 @@ MAX_BODY = 20_000
 SECRET = "SECRET-TOKEN-4711"
 
 
-# -- in-process: an ASGI call and a scrape ---------------------------------------------------------
-
-
-class Answer:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def call(app: Any, path: str, body: bytes | str = b"", method: str = "POST", headers: dict[str, str] | None = None,
-         ) -> Answer:
-    """One HTTP request to an ASGI app, as uvicorn would make it."""
-    data = body.encode() if isinstance(body, str) else body
-    given = {"content-type": "application/json", "content-length": str(len(data)), **(headers or {})}
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(k.lower().encode(), v.encode()) for k, v in given.items()],
-             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 5000)}
-    messages: list[dict[str, Any]] = []
-
-    async def run() -> None:
-        received = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal received
-            if not received:
-                received = True
-                return {"type": "http.request", "body": data, "more_body": False}
-            await asyncio.Event().wait()  # the client stays connected
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            messages.append(message)
-
-        await app(scope, receive, send)
-
-    asyncio.run(run())
-    start = next(m for m in messages if m["type"] == "http.response.start")
-    body_bytes = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-    return Answer(start["status"], {k.decode().lower(): v.decode() for k, v in start.get("headers", [])}, body_bytes)
-
-
-def samples(scrape: str) -> dict[tuple[str, frozenset], float]:
-    """Every sample of a Prometheus scrape, parsed by prometheus_client's own parser."""
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(scrape) for s in family.samples}
-
-
-def value(scraped: dict[tuple[str, frozenset], float], metric: str, **labels: str) -> float:
-    return scraped.get((metric, frozenset(labels.items())), 0.0)
+# -- in-process: a served version and a scrape (asgi.call) --------------------------------------------
 
 
 def records(*texts: Any) -> str:
