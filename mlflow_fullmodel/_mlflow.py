@@ -47,8 +47,8 @@ __all__ = [
     "PythonEnv", "REQUIREMENTS_FILE", "SCHEMA_ECHO", "SERVER_MODEL_PATH_VARIABLE", "SERVING_ENVIRONMENT_VARIABLE",
     "UnrewrittenMessage", "copy_code_paths", "download_artifacts", "get_flavor_configuration", "infer_schema",
     "load_served_model", "mlflow_user", "prepare_save_path", "process_conda_env", "process_pip_requirements",
-    "save_input_example", "scoring_app", "scoring_server_threads", "store_beside_model", "validate_env_arguments",
-    "write_text",
+    "pyfunc_implementation", "save_input_example", "scoring_app", "scoring_server_threads", "store_beside_model",
+    "validate_env_arguments", "write_text",
 ]
 
 # --- Saving a model: the helpers every MLflow flavor's save_model uses. ---
@@ -169,3 +169,10 @@ def scoring_app(model: Any) -> Any:
     from mlflow.pyfunc import scoring_server
 
     return scoring_server.init(model)
+
+
+def pyfunc_implementation(model: Any) -> Any:
+    """What the flavor's ``_load_pyfunc`` returned (for a fullmodel model, its ``serving.ServedModel``),
+    inside the loaded ``PyFuncModel`` MLflow wraps around it: its ``_model_impl``, which no public
+    API gives."""
+    return model._model_impl

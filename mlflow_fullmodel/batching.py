@@ -133,12 +133,7 @@ class MicroBatcher:
     def _forward(self, examples: list[Any], values: Mapping[str, Any], deadline: float | None = None) -> list[Any]:
         if not examples:
             return []
-        # Only the parameters of the collate and forward steps change a batch's results, so
-        # requests that agree on those may share batches whatever their other parameters; and
-        # only examples of one structure can be collated together (a tta param changes shapes).
-        shared = {**self.model.collate.params(), **self.model.forward.params()}
-        key = (tuple(sorted((name, values[name]) for name in shared)), _structure(examples[0]))
-        job = _Job(examples, values, key=key, deadline=deadline)
+        job = self._job(examples, values, deadline)
         timeout = time.monotonic() + self.timeout_s
         give_up = timeout if deadline is None else min(timeout, deadline)
         with self._condition:
@@ -162,6 +157,24 @@ class MicroBatcher:
             raise job.error
         return job.outputs
 
+    def _job(self, examples: list[Any], values: Mapping[str, Any], deadline: float | None) -> _Job:
+        """The forward work of one call, keyed by what decides which calls may share a batch."""
+        # Only the parameters of the collate and forward steps change a batch's results, so
+        # requests that agree on those may share batches whatever their other parameters; and
+        # only examples of one structure can be collated together (a tta param changes shapes).
+        shared = {**self.model.collate.params(), **self.model.forward.params()}
+        key = (tuple(sorted((name, values[name]) for name in shared)), _structure(examples[0]))
+        return _Job(examples, values, key=key, deadline=deadline)
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        """One forward round over ``jobs``: those of one key share batches. Each job gets its
+        outputs or its error; a job whose rows fail does not fail the others."""
+        groups: dict[Hashable, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.key, []).append(job)
+        for group in groups.values():
+            self._run_group(group)
+
     def _lead(self) -> None:
         """Run one forward round over every queued request (this call's included), then hand over."""
         jobs: list[_Job] = []
@@ -169,11 +182,7 @@ class MicroBatcher:
             with self._condition:
                 self._wait_for_company()
                 jobs, self._pending = self._pending, []
-            groups: dict[Hashable, list[_Job]] = {}
-            for job in jobs:
-                groups.setdefault(job.key, []).append(job)
-            for group in groups.values():
-                self._run_group(group)
+            self._run_jobs(jobs)
         finally:
             with self._condition:
                 for job in jobs:

@@ -140,3 +140,14 @@ def test_an_unrewritten_message_keeps_its_text():
     error = _mlflow.UnrewrittenMessage("too many rows", 1)
     error.message = f"Failed to predict data '{'x' * 1000}'. \nError: {error.message}"
     assert error.message == "too many rows" and str(error) == "too many rows"
+
+
+def test_a_loaded_pyfunc_model_holds_what_the_flavor_returned(registered_reviews):
+    """``pyfunc_implementation`` (how the Ray Serve deployment reaches the ServedModel to batch with
+    ``@serve.batch``) is the object the flavor's ``_load_pyfunc`` returned."""
+    import mlflow
+
+    from mlflow_fullmodel.serving import ServedModel
+
+    loaded = mlflow.pyfunc.load_model(registered_reviews.model_uri)
+    assert isinstance(_mlflow.pyfunc_implementation(loaded), ServedModel)
