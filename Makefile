@@ -45,7 +45,8 @@ $(OLD_BIN)/.installed: setup.cfg $(shell find mlflow_fullmodel -name '*.py')
 	$(PYTHON) -m venv $(OLD_VENV)
 	$(OLD_BIN)/pip install --quiet --upgrade pip
 	$(OLD_BIN)/pip install --quiet torch==2.13.0
-	$(OLD_BIN)/pip install --quiet "mlflow==$(MLFLOW_OLDEST).*" ".[dev,examples,signing]"
+	# MLflow 3.9's scoring server declares its routes with app.route, which Starlette 1.0 removed.
+	$(OLD_BIN)/pip install --quiet "mlflow==$(MLFLOW_OLDEST).*" "starlette<1" ".[dev,examples,signing]"
 	touch $@
 
 setup-mlflow-oldest: $(OLD_BIN)/.installed
