@@ -45,6 +45,7 @@ from mlflow_fullmodel.exceptions import (
     ParamError,
     ParityError,
     SignatureError,
+    StreamingError,
 )
 from mlflow_fullmodel.forward import AverageOverSamples, CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import script
@@ -78,6 +79,7 @@ __all__ = [
     "ParamError",
     "ParityError",
     "SignatureError",
+    "StreamingError",
     "Transform",
     "script",
     "transform",

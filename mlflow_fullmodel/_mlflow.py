@@ -49,6 +49,8 @@ __all__ = [
     "load_served_model", "mlflow_user", "prepare_save_path", "process_conda_env", "process_pip_requirements",
     "pyfunc_implementation", "save_input_example", "scoring_app", "scoring_server_threads", "store_beside_model",
     "validate_env_arguments", "write_text",
+    # The scoring server's parsing of a request, for the event stream (streaming.py).
+    "InvocationRefused", "parse_invocation",
 ]
 
 # --- Saving a model: the helpers every MLflow flavor's save_model uses. ---
@@ -176,3 +178,51 @@ def pyfunc_implementation(model: Any) -> Any:
     inside the loaded ``PyFuncModel`` MLflow wraps around it: its ``_model_impl``, which no public
     API gives."""
     return model._model_impl
+
+
+class _Parsed(UnrewrittenMessage):
+    """How ``parse_invocation`` gets the request back out of the scoring server's ``invocations``:
+    an MlflowException, which it raises again as it is."""
+
+    def __init__(self, data: Any, params: dict[str, Any] | None) -> None:
+        super().__init__("parsed", error_code=0)
+        self.data, self.params = data, params
+
+
+class _Parser:
+    """A stand-in for the model in ``invocations``: it has the model's metadata, and its predict
+    hands back what it was given."""
+
+    def __init__(self, model: Any) -> None:
+        self.metadata = model.metadata
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+        raise _Parsed(data, params)
+
+
+class InvocationRefused(Exception):
+    """The scoring server answers a request with ``status`` and ``text`` before parsing it (415:
+    a content type or charset it does not read)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status, self.text = status, text
+
+
+def parse_invocation(body: bytes, content_type: str, model: Any) -> tuple[Any, dict[str, Any] | None]:
+    """``(data, params)`` of a ``POST /invocations`` body, parsed exactly as the scoring server parses
+    it for ``model`` before calling its predict: its ``invocations`` function runs with a stand-in
+    model (``_Parser``). Depends on ``invocations(data, content_type, model, input_schema)`` calling
+    ``model.predict(data, params=params)`` once it has parsed, and re-raising an MlflowException.
+
+    Raises:
+        InvocationRefused: The server would answer before parsing (an unsupported content type).
+        MlflowException: The body is malformed (the server's own message and status).
+    """
+    from mlflow.pyfunc import scoring_server
+
+    try:
+        response = scoring_server.invocations(body, content_type, _Parser(model), model.metadata.get_input_schema())
+    except _Parsed as parsed:
+        return parsed.data, parsed.params
+    raise InvocationRefused(int(response.status), str(response.response))

@@ -22,13 +22,18 @@ generate the pad or BOS id.
 
 Both strategies return, for each example, a list of candidates ``(token_ids, score)``, best first,
 with BOS and EOS removed from ``token_ids``; ``SentencePieceDecode`` turns them into text.
+
+Both also stream (``stream``): they yield outputs of the same shape as they decode, one per decoding
+step (greedy: the tokens so far; beam search: the best hypothesis still being extended), then the
+answer ``__call__`` returns. ``__call__`` and ``stream`` run the same search (``_steps``); only
+``stream`` turns each step's tensors into candidates.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, TypeVar
 
 import torch
 
@@ -46,6 +51,9 @@ Candidate = tuple[list[int], float]
 
 # "module" (call it) or "module.method" (a TorchScript @torch.jit.export method).
 _ENTRY_POINT = re.compile(r"^[^.\s]+(\.[^.\s]+)?$")
+
+_Step = TypeVar("_Step")
+_Result = TypeVar("_Result")
 
 
 class _Decoding(ForwardStrategy):
@@ -169,6 +177,40 @@ class GreedySearch(_Decoding):
     def __call__(
         self, modules: ModuleSet, batch: Batch, device: torch.device, **params: Any
     ) -> list[list[Candidate]]:
+        return _result(self._steps(modules, batch, device, params))
+
+    def stream(
+        self, modules: ModuleSet, batch: Batch, device: torch.device, **params: Any
+    ) -> Generator[list[list[Candidate]], None, None]:
+        """Yield, after each decoding step but the last (one per token of the answer, but the last
+        when ``max_length`` cut it short), each example's tokens so far as one candidate
+        ``(token_ids, score so far)``; then what ``__call__`` returns.
+
+        Example::
+
+            for candidates in GreedySearch().stream(modules, batch, device, max_length=12):
+                print(candidates[0][0][0])    # the first example's token ids so far
+        """
+        steps = self._steps(modules, batch, device, params)
+        generated: list[list[int]] = []
+        while True:
+            try:
+                made, totals = next(steps)
+            except StopIteration as end:
+                yield end.value
+                return
+            tokens = made[-1].tolist()  # EOS for every step after an example's end
+            if not generated:
+                generated = [[] for _ in tokens]
+            for ids, token in zip(generated, tokens):
+                ids.append(token)
+            yield [[(list(_until(ids, self.eos_id)), total)] for ids, total in zip(generated, totals.tolist())]
+
+    def _steps(
+        self, modules: ModuleSet, batch: Batch, device: torch.device, params: Mapping[str, Any]
+    ) -> Generator[tuple[list[torch.Tensor], torch.Tensor], None, list[list[Candidate]]]:
+        """The search: yields after each step but the last (the tokens of every step so far, each
+        example's total log-probability); returns the candidates."""
         max_length = self._count("max_length", params)
         encode, decode = self._entry_points(modules, device)
         memory, state, src_mask = self._encode(encode, batch)
@@ -185,6 +227,8 @@ class GreedySearch(_Decoding):
             done = done | (tokens == self.eos_id)
             if bool(done.all()):
                 break
+            if len(steps) < max_length:
+                yield steps, totals
         generated = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(size)]
         return [[(_until(ids, self.eos_id), float(total))] for ids, total in zip(generated, totals.tolist())]
 
@@ -266,6 +310,44 @@ class BeamSearch(_Decoding):
     def __call__(
         self, modules: ModuleSet, batch: Batch, device: torch.device, **params: Any
     ) -> list[list[Candidate]]:
+        return _result(self._steps(modules, batch, device, params))
+
+    def stream(
+        self, modules: ModuleSet, batch: Batch, device: torch.device, **params: Any
+    ) -> Generator[list[list[Candidate]], None, None]:
+        """Yield, after each decoding step, each example's best hypothesis still being extended (or,
+        once it has none, its best finished one) as one candidate ``(token_ids, score)``, scored as
+        a finished one would be; then what ``__call__`` returns: the ``n_best`` candidates.
+
+        Example::
+
+            for candidates in BeamSearch().stream(modules, batch, device, beam_size=4, n_best=2):
+                print(candidates[0])    # the first example's candidates so far
+        """
+        steps = self._steps(modules, batch, device, params)
+        length_penalty = float(self._value("length_penalty", params))
+        while True:
+            try:
+                step, history, live_scores, finished = next(steps)
+            except StopIteration as end:
+                yield end.value
+                return
+            size, k = live_scores.shape
+            best_scores, best = live_scores.max(dim=1)
+            rows = (torch.arange(size, device=best.device) * k + best).tolist()
+            partial = []
+            for b, (row, score) in enumerate(zip(rows, best_scores.tolist())):
+                if score != float("-inf"):
+                    partial.append([(history[row].tolist(), score / step**length_penalty)])
+                else:  # every hypothesis of this example has finished
+                    partial.append(sorted(finished[b], key=lambda c: -c[1])[:1])
+            yield partial
+
+    def _steps(
+        self, modules: ModuleSet, batch: Batch, device: torch.device, params: Mapping[str, Any]
+    ) -> Generator[tuple[int, torch.Tensor, torch.Tensor, list[list[Candidate]]], None, list[list[Candidate]]]:
+        """The search: yields after each step but the last (see ``_search``); returns each example's
+        ``n_best`` candidates."""
         beam_size = self._count("beam_size", params)
         n_best = self._count("n_best", params)
         if n_best > beam_size:
@@ -278,7 +360,7 @@ class BeamSearch(_Decoding):
         length_penalty = float(self._value("length_penalty", params))
         encode, decode = self._entry_points(modules, device)
         memory, state, src_mask = self._encode(encode, batch)
-        finished = self._search(decode, memory, state, src_mask, beam_size, max_length, length_penalty)
+        finished = yield from self._search(decode, memory, state, src_mask, beam_size, max_length, length_penalty)
         # Stable sort: equal scores keep the order in which they were found.
         return [sorted(found, key=lambda c: -c[1])[:n_best] for found in finished]
 
@@ -291,8 +373,11 @@ class BeamSearch(_Decoding):
         beam_size: int,
         max_length: int,
         length_penalty: float,
-    ) -> list[list[Candidate]]:
-        """Every example's ``beam_size`` finished hypotheses, as ``(token_ids, normalised score)``."""
+    ) -> Generator[tuple[int, torch.Tensor, torch.Tensor, list[list[Candidate]]], None, list[list[Candidate]]]:
+        """Every example's ``beam_size`` finished hypotheses, as ``(token_ids, normalised score)``.
+        After each step that leaves hypotheses to extend, yields the step, the token history of
+        every hypothesis (row ``b * beam_size + j``), the live hypotheses' total log-probabilities
+        ``(batch, beam_size)`` (-inf where none) and the finished hypotheses so far."""
         size, k, device = src_mask.shape[0], beam_size, src_mask.device
         # Hypothesis j of example b lives in row b * k + j of every batch-first tensor.
         rows = torch.arange(size, device=device).repeat_interleave(k)
@@ -336,7 +421,17 @@ class BeamSearch(_Decoding):
             tokens = new_tokens.reshape(-1)
             state = _select(state, order)
             # memory and src_mask need no reordering: a hypothesis never changes example.
+            yield step, history, live_scores, finished
         return finished
+
+
+def _result(steps: Generator[_Step, None, _Result]) -> _Result:
+    """What a search returns, its steps run without looking at them (``__call__``)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 def _check_count_default(name: str, argument: str, value: Any) -> int:

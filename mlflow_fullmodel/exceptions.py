@@ -41,6 +41,11 @@ class ModelError(FullModelError):
         self.step = step
 
 
+class StreamingError(FullModelError, ValueError):
+    """A stream was asked of a model whose forward strategy computes its answer in one call, or for
+    other than one row: the request's fault, as it can be answered without streaming."""
+
+
 class DeadlineError(FullModelError):
     """A call's work went on past its deadline and was stopped between steps or batches."""
 

@@ -231,6 +231,9 @@ def _write_model(
         # Declared so that MLflow passes load-time overrides through (it drops unknown keys);
         # None means: the MLFLOW_FULLMODEL_* environment variable, else the default.
         model_config=dict.fromkeys(ServingSettings.names()),
+        # pyfunc's predict_stream reaches ServedModel.predict_stream; a model whose forward strategy
+        # cannot stream says so there, naming its strategy, rather than MLflow "does not support" it.
+        streamable=True,
     )
     mlflow_model.add_flavor(
         FLAVOR_NAME,

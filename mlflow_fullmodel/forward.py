@@ -6,12 +6,13 @@ and entered ``torch.inference_mode``, and moves what the strategy returns back t
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 import torch
 
 from mlflow_fullmodel.collate import Batch
-from mlflow_fullmodel.exceptions import ConfigError
+from mlflow_fullmodel.exceptions import ConfigError, StreamingError
 from mlflow_fullmodel.modules import MAIN, ModuleSet
 from mlflow_fullmodel.transform import Configurable
 
@@ -27,6 +28,18 @@ class ForwardStrategy(Configurable):
     def check_collate(self, collate: Configurable) -> None:
         """Raise ``ConfigError`` if batches made by ``collate`` cannot work with this strategy;
         called when a FullModel is built."""
+
+    def stream(
+        self, modules: ModuleSet, batch: Batch, device: torch.device, **params: Any
+    ) -> Generator[Any, None, None]:
+        """Yield outputs of ``__call__``'s shape as they are made (a generating strategy: one per
+        step), the last equal to what ``__call__`` returns. A strategy that computes its answer in
+        one call cannot, and raises ``StreamingError``."""
+        raise StreamingError(
+            f"The forward strategy {type(self).__name__} computes its answer in one call, so there is nothing "
+            "to stream; only strategies that generate step by step (GreedySearch, BeamSearch) stream. Ask for "
+            "the whole answer instead (predict, or /invocations without 'Accept: text/event-stream')."
+        )
 
 
 class CallModule(ForwardStrategy):

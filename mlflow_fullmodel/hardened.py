@@ -172,6 +172,10 @@ class Guard:
         self.max_json_depth = max_json_depth
         self.names = sorted(set(names) | set(self.params))
 
+    def around(self, app: Any) -> Guard:
+        """The same checks and limits around another app (the event stream of ``streaming.py``)."""
+        return Guard(app, self.params, self.max_body_bytes, self.max_json_depth, self.names)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") != "/invocations" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
@@ -203,14 +207,25 @@ class Guard:
 
         start: Message = {}
         chunks: list[bytes] = []
+        streaming = False
 
         async def capture(message: Message) -> None:
+            nonlocal streaming
             if message["type"] == "http.response.start":
                 start.update(message)
+                # An event stream (streaming.py) goes out as it is made: its errors before the
+                # first event are answered as any other error below, those after it are its own.
+                streaming = int(message["status"]) < 400 and _is_event_stream(message)
+                if streaming:
+                    await send(message)
+            elif streaming:
+                await send(message)
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
 
         await self.app(scope, replay, capture)
+        if streaming:
+            return
         status = int(start.get("status", 500))
         payload = b"".join(chunks)
         if status < 400:
@@ -363,6 +378,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateKey("The JSON body has a key twice in one object; send each key once.")
         result[key] = value
     return result
+
+
+def _is_event_stream(start: Message) -> bool:
+    """Whether a response (its ``http.response.start``) is server-sent events."""
+    return any(key.lower() == b"content-type" and value.split(b";")[0].strip().lower() == b"text/event-stream"
+               for key, value in start.get("headers", []))
 
 
 def _error_of(payload: bytes, status: int) -> tuple[str, str]:

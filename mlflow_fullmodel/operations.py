@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from mlflow_fullmodel import oip, telemetry
+from mlflow_fullmodel import oip, streaming, telemetry
 from mlflow_fullmodel.hardened import Message, Receive, Scope, Send, answer
 from mlflow_fullmodel.metrics import CONTENT_TYPE, ServerMetrics
 from mlflow_fullmodel.rollout import ModelSlot
@@ -121,6 +121,8 @@ class Operations:
             why = self.slot.failure or "the model is being verified, loaded and warmed up"
             await answer(send, 503, "TEMPORARILY_UNAVAILABLE", f"Not ready: {why}; retry in a moment.",
                          headers=[(b"retry-after", b"1")])
+        elif path == "/invocations" and scope.get("method") == "POST" and streaming.wants_events(scope):
+            await streaming.respond(scope, receive, send, served)
         else:
             await served.app(scope, receive, send)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
@@ -18,7 +18,15 @@ import torch
 
 from mlflow_fullmodel import telemetry
 from mlflow_fullmodel.collate import Batch, Collate, PadCollate, example_length, length_buckets, to_device, uncollate
-from mlflow_fullmodel.exceptions import ConfigError, DeadlineError, FullModelError, InputError, ModelError, ParamError
+from mlflow_fullmodel.exceptions import (
+    ConfigError,
+    DeadlineError,
+    FullModelError,
+    InputError,
+    ModelError,
+    ParamError,
+    StreamingError,
+)
 from mlflow_fullmodel.forward import CallModule, ForwardStrategy
 from mlflow_fullmodel.modules import ModuleSet, resolve_device
 from mlflow_fullmodel.transform import Configurable, Param, Transform
@@ -248,6 +256,71 @@ class FullModel:
             ids, answers = _run_steps("postprocess", self.postprocess, ids, outputs, values, errors, deadline)
         records = answer_records(answers)
         return records if errors is None else _with_errors(records, ids, errors, len(rows))
+
+    def predict_stream(self, data: Any, params: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Answer one row as it is made: with a generating forward strategy (``GreedySearch``,
+        ``BeamSearch``), one partial answer per decoding step, each post-processed into the same
+        columns as ``predict_records``' answer (for a translator: the text so far), then the answer
+        itself, equal to ``predict_records(data, params)[0]``.
+
+        Args:
+            data: One row: a raw value (one input column), a dict of the input columns, or a
+                one-row list or DataFrame.
+            params: Runtime parameter values for this call, as for ``predict``; ``on_error`` must
+                stay ``"raise"`` (a stream answers one row, and a failure ends it).
+
+        Raises:
+            StreamingError: The forward strategy computes its answer in one call, or ``data`` is
+                not one row.
+            InputError, ParamError: As for ``predict``.
+
+        Example::
+
+            for answer in model.predict_stream({"source": "1,234"}, params={"beam_size": 4}):
+                print(answer["translation"])     # the best hypothesis so far, then the answer
+        """
+        return self._predict_stream(data, params)
+
+    def _predict_stream(self, data: Any, params: Mapping[str, Any] | None = None, *,
+                        deadline: float | None = None) -> Iterator[dict[str, Any]]:
+        """``predict_stream``'s data path: ``_predict_records``' for one row, the forward strategy's
+        ``stream`` in place of its call, each step's output post-processed. Closing the iterator
+        stops the decoding before its next step; ``deadline`` stops it between steps."""
+        values = self._resolve_params(params)
+        if values[ON_ERROR] != "raise":
+            raise StreamingError(f"A stream answers one row and ends with its error if it fails: leave "
+                                 f"'{ON_ERROR}' at 'raise' (got {values[ON_ERROR]!r}).")
+        rows = self._rows(data)
+        if len(rows) != 1:
+            raise StreamingError(f"A stream answers one row, got {len(rows)}; send each row as a request of its "
+                                 "own, or ask for the whole answer of many rows without streaming.")
+        with telemetry.stage("preprocess"):
+            _, examples = _run_steps("preprocess", self.preprocess, [0], rows, values, None, deadline)
+        _check_deadline(deadline, "forward")
+        batch = self.collate(examples).to(self.device)
+        telemetry.forward_batch(1)
+        name = f"forward {type(self.forward).__name__}"
+        steps = self.forward.stream(self.module, batch, self.device, **_own(self.forward, values))
+        try:
+            while True:
+                _check_deadline(deadline, f"the next step of {name}")
+                # Entered around each step, not around the generator: between steps the caller's
+                # code runs, outside inference mode.
+                with telemetry.stage("forward"), torch.inference_mode(), self.module.evaluating():
+                    try:
+                        outputs = next(steps)
+                    except StopIteration:
+                        return
+                    except FullModelError:
+                        raise
+                    except Exception as error:
+                        raise ModelError(f"Row 0: {name} failed: {brief(error)}", step=name) from error
+                output = uncollate(to_device(outputs, _CPU), 1)[0]
+                with telemetry.stage("postprocess"):
+                    _, answers = _run_steps("postprocess", self.postprocess, [0], [output], values, None, deadline)
+                yield answer_records(answers)[0]
+        finally:
+            steps.close()
 
     def _forward_examples(
         self, examples: list[Any], params: Mapping[str, Any], deadline: float | None = None,

@@ -44,8 +44,9 @@ from mlflow_fullmodel.exceptions import (
     LimitError,
     ModelError,
     ParamError,
+    StreamingError,
 )
-from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, brief, records_frame
+from mlflow_fullmodel.pipeline import ERROR_COLUMN, FullModel, _records, brief, records_frame
 from mlflow_fullmodel.schema import check_column_types
 from mlflow_fullmodel.settings import ServingSettings, variable_of
 from mlflow_fullmodel.spark import in_spark_task, without_row_numbers
@@ -207,24 +208,8 @@ class ServedModel:
                     records = self.batcher.predict_records(data, params=params, deadline=deadline)
                 else:
                     records = self.fullmodel._predict_records(data, params=params, deadline=deadline)
-        except (InputError, ParamError) as error:
-            telemetry.refused("limit" if isinstance(error, LimitError) else "bad_input")
-            raise ServingError(str(error), INVALID_PARAMETER_VALUE) from None
-        except ServerBusy as error:
-            telemetry.refused("admission")
-            raise ServingError(str(error), TEMPORARILY_UNAVAILABLE) from None
-        except DeadlineError as error:
-            telemetry.refused("deadline")
-            raise ServingError(f"{error}: deadline_s={self.deadline_s}. Send fewer rows or lighter params per request, "
-                               "or raise it (pyfunc model_config 'deadline_s' or MLFLOW_FULLMODEL_DEADLINE_S).",
-                               DEADLINE_EXCEEDED) from None
-        except ModelError as error:
-            _logger.error("Model error in %s", error.step, exc_info=error)
-            raise ServingError(f"Model error (not caused by the request) in {error.step}: {error}",
-                               INTERNAL_ERROR) from None
-        except Exception as error:  # a bug of the model's own: its traceback goes to the log only
-            _logger.error("Model error", exc_info=error)
-            raise ServingError(f"Model error (not caused by the request): {brief(error)}", INTERNAL_ERROR) from None
+        except Exception as error:
+            raise self._serving_error(error) from None
         if records and list(records[0]) == [ERROR_COLUMN] and self.output_columns:
             records = [{**dict.fromkeys(self.output_columns), **record} for record in records]
         if in_spark_task():  # a row number within Spark's Arrow batch names no row of the table
@@ -234,6 +219,45 @@ class ServedModel:
         if os.environ.get(SERVING_ENVIRONMENT_VARIABLE) == "true":
             return records
         return records_frame(records)
+
+
+    def predict_stream(self, data: Any, params: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """``FullModel.predict_stream`` for one row, under the rules of ``predict``: its limits,
+        admission and deadline (for the whole stream), and its errors as ``ServingError``. MLflow's
+        ``PyFuncModel.predict_stream`` hands over the row (a dict of its columns) after checking it
+        against the signature. Micro-batching does not apply: a stream runs its own decoding."""
+        try:
+            frame = pd.DataFrame(_records(data, self.fullmodel.input_columns))
+            telemetry.rows(len(frame))
+            check_column_types(frame, self.input_types)
+            samples = self.limits.check(frame, self.fullmodel._samples_per_row(params))
+            with self.admission.admit(samples):
+                telemetry.admitted()
+                deadline = time.monotonic() + self.deadline_s
+                yield from self.fullmodel._predict_stream(frame, params, deadline=deadline)
+        except Exception as error:
+            raise self._serving_error(error) from None
+
+    def _serving_error(self, error: Exception) -> ServingError:
+        """The answer to a request that failed with ``error``: its reason recorded (``telemetry``),
+        a model's fault logged with its traceback, the message without one."""
+        if isinstance(error, (InputError, ParamError, StreamingError)):
+            telemetry.refused("limit" if isinstance(error, LimitError) else "bad_input")
+            return ServingError(str(error), INVALID_PARAMETER_VALUE)
+        if isinstance(error, ServerBusy):
+            telemetry.refused("admission")
+            return ServingError(str(error), TEMPORARILY_UNAVAILABLE)
+        if isinstance(error, DeadlineError):
+            telemetry.refused("deadline")
+            return ServingError(f"{error}: deadline_s={self.deadline_s}. Send fewer rows or lighter params per "
+                                "request, or raise it (pyfunc model_config 'deadline_s' or "
+                                "MLFLOW_FULLMODEL_DEADLINE_S).", DEADLINE_EXCEEDED)
+        if isinstance(error, ModelError):
+            _logger.error("Model error in %s", error.step, exc_info=error)
+            return ServingError(f"Model error (not caused by the request) in {error.step}: {error}", INTERNAL_ERROR)
+        # A bug of the model's own: its traceback goes to the log only.
+        _logger.error("Model error", exc_info=error)
+        return ServingError(f"Model error (not caused by the request): {brief(error)}", INTERNAL_ERROR)
 
 
 def tune_scoring_server() -> bool:
