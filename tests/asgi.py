@@ -1,15 +1,20 @@
-"""Requests to an ASGI app in this process, as uvicorn makes them, and a Prometheus scrape read
-back: what the in-process server tests (``test_operations``, ``test_oip``) share."""
+"""Requests to an ASGI app in this process, as uvicorn makes them, a Prometheus scrape read back,
+and a saved model loaded as a server loads it: what the in-process server tests
+(``test_operations``, ``test_oip``, ``test_streaming``) share."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["Answer", "call", "samples", "value"]
+from mlflow_fullmodel.metrics import ModelInfo
+from mlflow_fullmodel.rollout import GuardSettings, ServedVersion, load_version
+
+__all__ = ["Answer", "call", "loaded", "samples", "value"]
 
 
 class Answer:
@@ -61,3 +66,16 @@ def samples(scrape: str) -> dict[tuple[str, frozenset], float]:
 
 def value(scraped: dict[tuple[str, frozenset], float], metric: str, **labels: str) -> float:
     return scraped.get((metric, frozenset(labels.items())), 0.0)
+
+
+def loaded(path: str, info: ModelInfo, max_body_bytes: int, env: dict[str, str] | None = None) -> ServedVersion:
+    """A saved model loaded as a server loads it, with serving settings from ``env``; this
+    process's environment as it was afterwards: MLflow's scoring app marks the process as a server,
+    and pyfunc's ``predict`` would answer every later test with records instead of a DataFrame."""
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        return load_version(path, info, GuardSettings(max_body_bytes, 32))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

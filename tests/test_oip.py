@@ -20,7 +20,7 @@ import pytest
 import requests
 import tritonclient.http as triton
 import yaml
-from asgi import Answer, call, samples, value
+from asgi import Answer, call, loaded, samples, value
 from click.testing import CliRunner
 from images import b64, png
 from servers import serve_fullmodel, stop
@@ -31,7 +31,7 @@ from mlflow_fullmodel import oip
 from mlflow_fullmodel.cli import main
 from mlflow_fullmodel.metrics import ServerMetrics
 from mlflow_fullmodel.operations import Operations
-from mlflow_fullmodel.rollout import GuardSettings, ModelSlot, ServedVersion, load_version
+from mlflow_fullmodel.rollout import ModelSlot, ServedVersion
 
 MAX_BODY = 20_000
 NAME = "reviews"
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def version(text_model, tmp_path_factory) -> ServedVersion:
     path = str(tmp_path_factory.mktemp("oip") / "reviews")
     fm.save_model(text_model, path, input_example=EXAMPLE_TEXTS)
-    return load_version(path, (NAME, "3", "sha256:test", "torchscript"), GuardSettings(MAX_BODY, 32))
+    return loaded(path, (NAME, "3", "sha256:test", "torchscript"), MAX_BODY)
 
 
 @pytest.fixture

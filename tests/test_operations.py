@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import requests
 import torch
-from asgi import call, samples, value
+from asgi import call, loaded, samples, value
 from sample_steps import LABELS, BagOfIds, Normalize, Pause
 from servers import free_port, serve_fullmodel, server_log, start, stop
 from support import EXAMPLE_TEXTS
@@ -34,7 +34,7 @@ from mlflow_fullmodel import telemetry
 from mlflow_fullmodel._mlflow import load_served_model
 from mlflow_fullmodel.metrics import ServerMetrics
 from mlflow_fullmodel.operations import ACCESS_LOGGER, Operations
-from mlflow_fullmodel.rollout import GuardSettings, ModelSlot, ServedVersion, load_version, warm_up, warm_up_app
+from mlflow_fullmodel.rollout import ModelSlot, ServedVersion, warm_up, warm_up_app
 from mlflow_fullmodel.serving import ServingError, serve
 from mlflow_fullmodel.settings import ServingSettings
 from mlflow_fullmodel.transforms import SentencePieceEncode, TopK
@@ -57,21 +57,12 @@ def saved_reviews(text_model, tmp_path_factory) -> str:
     return path
 
 
-def loaded(path: str, env: dict[str, str] | None = None) -> ServedVersion:
-    """A saved model loaded as a server loads it, with serving settings from ``env``; this
-    process's environment as it was afterwards (MLflow's app marks the process as a server)."""
-    saved = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        return load_version(path, ("reviews", "7", "sha256:test", "torchscript"), GuardSettings(MAX_BODY, 32))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+INFO = ("reviews", "7", "sha256:test", "torchscript")
 
 
 @pytest.fixture(scope="module")
 def version(saved_reviews) -> ServedVersion:
-    return loaded(saved_reviews)
+    return loaded(saved_reviews, INFO, MAX_BODY)
 
 
 @pytest.fixture
@@ -246,7 +237,7 @@ def test_the_warm_up_runs_the_golden_example_at_one_row_and_a_full_batch(saved_r
 def test_the_warm_up_sends_the_serving_example_through_the_served_app(saved_reviews, version):
     """MLflow's parsing and the guard's checks run once before ready, not on the first request."""
     assert warm_up_app(version.app, saved_reviews) == 3
-    too_small = loaded(saved_reviews).app
+    too_small = loaded(saved_reviews, INFO, MAX_BODY).app
     too_small.max_body_bytes = 10  # the example is refused: logged, and no request counted as warm
     assert warm_up_app(too_small, saved_reviews) == 0
 

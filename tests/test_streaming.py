@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from typing import Any
 
 import mlflow
@@ -20,6 +19,7 @@ import pandas as pd
 import pytest
 import requests
 import torch
+from asgi import loaded
 from prometheus_client.parser import text_string_to_metric_families
 from servers import serve_fullmodel, stop
 from support import train_example
@@ -32,7 +32,7 @@ from mlflow_fullmodel.decoding import BeamSearch, GreedySearch
 from mlflow_fullmodel.metrics import ServerMetrics
 from mlflow_fullmodel.modules import ModuleSet
 from mlflow_fullmodel.operations import ACCESS_LOGGER, Operations
-from mlflow_fullmodel.rollout import GuardSettings, ModelSlot, ServedVersion, load_version
+from mlflow_fullmodel.rollout import ModelSlot, ServedVersion
 from mlflow_fullmodel.serving import ServingError, serve
 from mlflow_fullmodel.settings import ServingSettings
 from mlflow_fullmodel.transforms import SentencePieceDecode, SentencePieceEncode
@@ -283,12 +283,7 @@ def rows(*texts: str, **params: Any) -> str:
 
 @pytest.fixture(scope="module")
 def version(saved) -> ServedVersion:
-    environment = dict(os.environ)
-    try:
-        return load_version(saved, ("translator", "3", "sha256:test", "torchscript"), GuardSettings(20_000, 32))
-    finally:  # MLflow's app marks the process as a server
-        os.environ.clear()
-        os.environ.update(environment)
+    return loaded(saved, ("translator", "3", "sha256:test", "torchscript"), 20_000)
 
 
 @pytest.fixture
