@@ -78,9 +78,9 @@ class _Refused(Exception):
 
 
 async def respond(path: str, scope: Scope, receive: Receive, send: Send, served: Any, name: str,
-                  failure: str | None) -> None:
+                  waiting_for: str) -> None:
     """Answer one request under ``/v2``: ``served`` is the version answering now (None while there
-    is none: ``failure`` says why, if it failed), ``name`` the model's name in the paths."""
+    is none: ``waiting_for`` says why), ``name`` the model's name in the paths."""
     route = route_name(path, name)
     if route == "/v2/health/live":
         await _json(send, 200, {"live": True})
@@ -93,10 +93,9 @@ async def respond(path: str, scope: Scope, receive: Receive, send: Send, served:
         await _error(send, 404, f"No such route of the Open Inference Protocol, or no model of that name: this server "
                                 f"serves '{name}' (GET /v2/models/{name}, POST /v2/models/{name}/infer).")
     elif served is None:
-        why = failure or "the model is being verified, loaded and warmed up"
         if route == "/v2/models/{name}/infer":
             telemetry.refused("not_ready")
-        await _error(send, 503, f"Not ready: {why}; retry in a moment.", [(b"retry-after", b"1")])
+        await _error(send, 503, f"Not ready: {waiting_for}; retry in a moment.", [(b"retry-after", b"1")])
     elif route in ("/v2/health/ready", "/v2/models/{name}/ready"):
         await _json(send, 200, {"name": name, "ready": True} if route != "/v2/health/ready" else {"ready": True})
     elif route == "/v2/models/{name}":

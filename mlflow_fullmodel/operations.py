@@ -76,10 +76,11 @@ class Operations:
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         record = telemetry.RequestRecord(request_id, path if path in _ROUTES else oip.route_name(path, self.name))
         served = self.slot.current
+        version = served.version if served is not None and served.version else None
         status = 500
         extra = [(REQUEST_ID_HEADER.encode(), request_id.encode())]
-        if served is not None and served.version:
-            extra.append((VERSION_HEADER.encode(), served.version.encode()))
+        if version is not None:
+            extra.append((VERSION_HEADER.encode(), version.encode()))
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -102,7 +103,7 @@ class Operations:
             _access.info(json.dumps({
                 "request_id": request_id, "method": scope.get("method"), "route": record.route, "status": status,
                 "rows": record.rows, "latency_s": round(seconds, 6),
-                "model_version": served.version or None if served is not None else None, "refusal": record.refusal,
+                "model_version": version, "refusal": record.refusal,
             }))
 
     async def _route(self, path: str, scope: Scope, receive: Receive, send: Send, served: Any) -> None:
@@ -115,12 +116,11 @@ class Operations:
         elif path == "/ready":
             await self._ready(send, served)
         elif path == "/v2" or path.startswith("/v2/"):
-            await oip.respond(path, scope, receive, send, served, self.name, self.slot.failure)
+            await oip.respond(path, scope, receive, send, served, self.name, self.slot.waiting_for)
         elif served is None:
             telemetry.refused("not_ready")
-            why = self.slot.failure or "the model is being verified, loaded and warmed up"
-            await answer(send, 503, "TEMPORARILY_UNAVAILABLE", f"Not ready: {why}; retry in a moment.",
-                         headers=[(b"retry-after", b"1")])
+            await answer(send, 503, "TEMPORARILY_UNAVAILABLE",
+                         f"Not ready: {self.slot.waiting_for}; retry in a moment.", headers=[(b"retry-after", b"1")])
         elif path == "/invocations" and scope.get("method") == "POST" and streaming.wants_events(scope):
             await streaming.respond(scope, receive, send, served)
         else:
@@ -128,8 +128,7 @@ class Operations:
 
     async def _ready(self, send: Send, served: Any) -> None:
         if served is None:
-            why = self.slot.failure or "the model is being verified, loaded and warmed up"
-            await answer(send, 503, "TEMPORARILY_UNAVAILABLE", f"Not ready: {why}.")
+            await answer(send, 503, "TEMPORARILY_UNAVAILABLE", f"Not ready: {self.slot.waiting_for}.")
             return
         name, version, digest, module_format = served.info
         body = {"ready": True, "name": name, "version": version, "digest": digest, "format": module_format}

@@ -161,6 +161,11 @@ class ModelSlot:
         self.current: ServedVersion | None = None
         self.failure: str | None = None
 
+    @property
+    def waiting_for(self) -> str:
+        """Why there is no version to answer with: its failure, or the loading still going on."""
+        return self.failure or "the model is being verified, loaded and warmed up"
+
     def swap(self, new: ServedVersion) -> ServedVersion | None:
         """Answer with ``new`` from the next request on; the old version (returned) finishes what
         it has."""
