@@ -56,6 +56,10 @@ def ray_url(tracking: str) -> Iterator[str]:
     before = {pid for pid, _ in leftover_processes()}
     temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must stay under 108 characters
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # the replicas inherit it
+    # On a busy machine Serve's HTTP proxy can take longer to start than Serve's 5 s ready check,
+    # and Serve then kills it (serve.start fails with ActorDiedError); Serve's processes read these.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
     port = free_port()
     # Logical CPUs: room for a replacement replica while the one it replaces is being reaped.
     ray.init(address="local", include_dashboard=False, num_cpus=4, _temp_dir=temp, log_to_driver=False)
