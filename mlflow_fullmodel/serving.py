@@ -197,13 +197,7 @@ class ServedModel:
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame | list[dict[str, Any]]:
         try:
-            if isinstance(data, (pd.DataFrame, list, tuple)):
-                telemetry.rows(len(data))
-            check_column_types(data, self.input_types)
-            samples = self.limits.check(data, self.fullmodel._samples_per_row(params))
-            with self.admission.admit(samples):
-                telemetry.admitted()
-                deadline = time.monotonic() + self.deadline_s
+            with self._admitted(data, params) as deadline:
                 if self.batcher is not None:
                     records = self.batcher.predict_records(data, params=params, deadline=deadline)
                 else:
@@ -220,6 +214,17 @@ class ServedModel:
             return records
         return records_frame(records)
 
+    @contextmanager
+    def _admitted(self, data: Any, params: Mapping[str, Any] | None) -> Iterator[float]:
+        """Check a request against the signature's column types and the limits, hold its admission
+        slot while it runs, and give its deadline (a ``time.monotonic()`` value)."""
+        if isinstance(data, (pd.DataFrame, list, tuple)):
+            telemetry.rows(len(data))
+        check_column_types(data, self.input_types)
+        samples = self.limits.check(data, self.fullmodel._samples_per_row(params))
+        with self.admission.admit(samples):
+            telemetry.admitted()
+            yield time.monotonic() + self.deadline_s
 
     def predict_stream(self, data: Any, params: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """``FullModel.predict_stream`` for one row, under the rules of ``predict``: its limits,
@@ -228,12 +233,7 @@ class ServedModel:
         against the signature. Micro-batching does not apply: a stream runs its own decoding."""
         try:
             frame = pd.DataFrame(_records(data, self.fullmodel.input_columns))
-            telemetry.rows(len(frame))
-            check_column_types(frame, self.input_types)
-            samples = self.limits.check(frame, self.fullmodel._samples_per_row(params))
-            with self.admission.admit(samples):
-                telemetry.admitted()
-                deadline = time.monotonic() + self.deadline_s
+            with self._admitted(frame, params) as deadline:
                 yield from self.fullmodel._predict_stream(frame, params, deadline=deadline)
         except Exception as error:
             raise self._serving_error(error) from None
