@@ -46,7 +46,7 @@ $(OLD_BIN)/.installed: setup.cfg $(shell find mlflow_fullmodel -name '*.py')
 	$(OLD_BIN)/pip install --quiet --upgrade pip
 	$(OLD_BIN)/pip install --quiet torch==2.13.0
 	# MLflow 3.9's scoring server declares its routes with app.route, which Starlette 1.0 removed.
-	$(OLD_BIN)/pip install --quiet "mlflow==$(MLFLOW_OLDEST).*" "starlette<1" ".[dev,examples,signing,ray]"
+	$(OLD_BIN)/pip install --quiet "mlflow==$(MLFLOW_OLDEST).*" "starlette<1" ".[dev,examples,signing,ray,int8]"
 	touch $@
 
 setup-mlflow-oldest: $(OLD_BIN)/.installed

@@ -71,12 +71,17 @@ class ParityError(FullModelError):
 
     ``stage`` says what failed: ``"install"`` (its environment could not be built), ``"import"``
     (it did not load), ``"outputs"`` (it answered differently), ``"batch"`` (a row's answer changes
-    when it is batched with other rows) or ``"timeout"`` (the clean process took too long).
+    when it is batched with other rows), ``"compiled"`` (the AOTInductor package answered further
+    from the golden outputs than its tolerance) or ``"timeout"`` (the clean process took too long).
     """
 
     def __init__(self, message: str, stage: str = "outputs") -> None:
         super().__init__(message)
         self.stage = stage
+
+
+class DriftError(FullModelError):
+    """A quantized model's outputs moved further from the float model's than ``max_drift`` allows."""
 
 
 class AuditError(FullModelError):

@@ -63,10 +63,12 @@ from mlflow_fullmodel._mlflow import (
     write_text,
 )
 from mlflow_fullmodel.card import CARD_FILE, PIPELINE_FILE, render_card, render_pipeline, summary
-from mlflow_fullmodel.exceptions import ConfigError, FullModelError, ModelFormatError
+from mlflow_fullmodel.compiled import DEFAULT_RTOL
+from mlflow_fullmodel.exceptions import ConfigError, DriftError, FullModelError, ModelFormatError
 from mlflow_fullmodel.export import export_eager_modules
 from mlflow_fullmodel.inspection import describe_model
 from mlflow_fullmodel.modules import EAGER
+from mlflow_fullmodel.optimize import check_options, compile_modules, drift, quantize_modules
 from mlflow_fullmodel.parity import check_parity, preprocess_digests
 from mlflow_fullmodel.pipeline import FullModel
 from mlflow_fullmodel.registry import record_digest
@@ -120,6 +122,10 @@ def save_model(
     extra_pip_requirements: list[str] | str | None = None,
     metadata: dict[str, Any] | None = None,
     check_parity: bool = True,
+    compile: Literal["aoti"] | None = None,
+    compile_rtol: float = DEFAULT_RTOL,
+    quantize: Literal["int8"] | None = None,
+    max_drift: float | None = None,
 ) -> None:
     """Save a FullModel as an MLflow model in the local folder ``path``.
 
@@ -139,15 +145,31 @@ def save_model(
         metadata: Custom metadata written into the MLmodel file.
         check_parity: Reload the saved model in a clean Python process and require it to
             reproduce the input example's outputs. It needs ``input_example``.
+        compile: ``"aoti"``: compile each module (a plain ``nn.Module`` or an ``ExportedProgram``)
+            with AOTInductor into a package stored beside its portable program. It runs where torch's
+            version, the CPU architecture and instruction sets and the device match the saving
+            machine's; elsewhere the portable program runs. Needs a C++ compiler.
+        compile_rtol: How far (relative) the compiled package's outputs may be from the golden ones
+            in the parity check, which checks the portable program exactly as without ``compile``.
+        quantize: ``"int8"``: quantize the ``nn.Linear`` layers of each plain module to int8
+            (torchao: dynamic int8 activations, int8 weights) before it is exported. The golden
+            example is the quantized model's; its drift from the float model (label agreement,
+            largest difference of a number) is recorded in the model card and ``inspect``. On a CPU
+            the int8 program pays with ``compile="aoti"``.
+        max_drift: With ``quantize``: refuse the model when a number of its golden outputs (a
+            probability) moves further than this from the float model's, or a label changes.
 
     Raises:
-        ConfigError: A step's configuration cannot be saved, or ``input_example`` is missing.
+        ConfigError: A step's configuration cannot be saved, ``input_example`` is missing, or a
+            module cannot be compiled or quantized as asked.
         CodeCaptureError: A step's source code cannot be captured.
         ParityError: The reloaded model does not reproduce the outputs.
+        DriftError: The quantized model drifts further than ``max_drift`` from the float one.
 
     Example::
 
         fm.save_model(model, "reviews_model", input_example=["What a film!", "Dull."])
+        fm.save_model(model, "reviews_fast", input_example=["What a film!"], compile="aoti", quantize="int8")
     """
     validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     if not isinstance(fullmodel, FullModel):
@@ -158,30 +180,43 @@ def save_model(
             "The parity check needs an input_example to compare the saved model against; pass "
             "input_example=[...] (a few raw inputs), or check_parity=False to skip the check."
         )
+    check_options(fullmodel, compile, quantize, compile_rtol, max_drift)
+    if rows is None and (EAGER in fullmodel.module.formats.values() or compile or quantize):
+        raise ConfigError(
+            "A plain nn.Module is exported with torch.export from the input_example (and compiled and quantized "
+            "modules are checked on it); pass input_example=[...] (a few raw inputs), or script (fm.script) or "
+            "export the module yourself."
+        )
     golden = make_golden(fullmodel, rows, example_params) if rows is not None else None
+    quantization = None
+    if quantize is not None:
+        assert rows is not None and golden is not None
+        fullmodel, quantization = quantize_modules(fullmodel)
+        float_golden, golden = golden, make_golden(fullmodel, rows, example_params)
+        quantization["drift"] = drift(float_golden.outputs, golden.outputs)
+        _check_drift(quantization["drift"], max_drift)
     if EAGER in fullmodel.module.formats.values():
-        if rows is None:
-            raise ConfigError(
-                "A plain nn.Module is exported with torch.export from the input_example; pass input_example=[...] "
-                "(a few raw inputs), or script (fm.script) or export the module yourself."
-            )
+        assert rows is not None
         # Outputs of the module as given are the golden ones: the parity check compares the program.
         fullmodel = export_eager_modules(fullmodel, rows, example_params)
+    if compile is not None:
+        fullmodel = compile_modules(fullmodel, compile_rtol)
 
     prepare_save_path(path)
     try:
         _write_model(
             fullmodel, path, golden, conda_env, code_paths, mlflow_model, signature,
-            pip_requirements, extra_pip_requirements, metadata,
+            pip_requirements, extra_pip_requirements, metadata, quantization,
         )
         if check_parity:
             assert rows is not None  # refused above: the check needs an input example
             started = time.perf_counter()
-            check_parity_of(path, preprocess_digests(fullmodel, rows))
+            compiled = check_parity_of(path, preprocess_digests(fullmodel, rows))
             _announce.info(
                 "Parity check passed in %.1f s: the saved model, reloaded in a clean process, reproduces its %d "
-                "example row(s)%s.", time.perf_counter() - started, len(rows),
+                "example row(s)%s%s.", time.perf_counter() - started, len(rows),
                 "" if fullmodel.batch_size == 1 else ", alone and in padded batches",  # batch_size=1 never batches
+                f"; {compiled}" if compiled else "",
             )
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
@@ -199,8 +234,10 @@ def _write_model(
     pip_requirements: Any,
     extra_pip_requirements: Any,
     metadata: dict[str, Any] | None,
+    quantization: dict[str, Any] | None,
 ) -> None:
-    spec = save_fullmodel(fullmodel, os.path.join(path, _DATA_SUBPATH), golden, manifest=False)
+    spec = save_fullmodel(fullmodel, os.path.join(path, _DATA_SUBPATH), golden, manifest=False,
+                          quantization=quantization)
     copy_code_paths(code_paths, path)
     _embed_runtime(os.path.join(path, _CODE_SUBPATH))
 
@@ -242,6 +279,7 @@ def _write_model(
         format_version=FORMAT_VERSION,
         mlflow_fullmodel_version=mlflow_fullmodel.__version__,
         modules={name: entry["format"] for name, entry in spec["modules"].items()},
+        **_forward_facts(spec),
     )
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
@@ -270,14 +308,39 @@ def _write_model(
         saved.append(_Saved(manifest, summary(facts)))
 
 
-def check_parity_of(model_path: str, digests: list[list[str]] | None = None) -> None:
-    """Run the parity check on the local MLflow model at ``model_path`` with its embedded runtime.
+def _check_drift(measured: Mapping[str, Any], max_drift: float | None) -> None:
+    if max_drift is None:
+        return
+    if measured["largest_difference"] > max_drift or measured["agreement"] < 1:
+        raise DriftError(
+            f"The int8 model drifts from the float one on the golden example more than max_drift={max_drift} allows: "
+            f"labels agree on {measured['agreement']:.0%} of {measured['rows']} row(s), the largest difference of an "
+            f"output number is {measured['largest_difference']:.3g}. Save it unquantized, raise max_drift, or "
+            "quantize fewer layers (quantize the model yourself and pass it unquantized)."
+        )
+
+
+def _forward_facts(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What the MLmodel file's flavor block says of a compiled or quantized forward pass."""
+    facts: dict[str, Any] = {}
+    compiled = {name: {"compiler": entry["compiled"]["compiler"], **entry["compiled"]["target"]}
+                for name, entry in spec["modules"].items() if "compiled" in entry}
+    if compiled:
+        facts["compiled"] = compiled
+    if "quantization" in spec:
+        facts["quantized"] = {key: spec["quantization"][key] for key in ("scheme", "library")}
+    return facts
+
+
+def check_parity_of(model_path: str, digests: list[list[str]] | None = None) -> str | None:
+    """Run the parity check on the local MLflow model at ``model_path`` with its embedded runtime;
+    return what it found of compiled modules (``parity.check_parity``).
 
     Raises:
         ParityError: The model, loaded in a clean process, does not reproduce its golden example.
     """
     flavor = flavor_configuration(model_path)
-    check_parity(
+    return check_parity(
         os.path.join(model_path, flavor["data"]),
         runtime_dir=os.path.join(model_path, flavor["code"]),
         digests=digests,
@@ -372,6 +435,10 @@ def log_model(
     extra_pip_requirements: list[str] | str | None = None,
     metadata: dict[str, Any] | None = None,
     check_parity: bool = True,
+    compile: Literal["aoti"] | None = None,
+    compile_rtol: float = DEFAULT_RTOL,
+    quantize: Literal["int8"] | None = None,
+    max_drift: float | None = None,
     params: dict[str, Any] | None = None,
     tags: dict[str, Any] | None = None,
     model_type: str | None = None,
@@ -392,7 +459,8 @@ def log_model(
         fullmodel: The FullModel to log.
         artifact_path: Deprecated by MLflow; use ``name``.
         conda_env, code_paths, signature, input_example, pip_requirements,
-        extra_pip_requirements, metadata, check_parity: As for ``save_model``.
+        extra_pip_requirements, metadata, check_parity, compile, compile_rtol, quantize,
+        max_drift: As for ``save_model``.
         registered_model_name: Register the model under this name (created if missing).
         await_registration_for: Seconds to wait for the model version to become ready.
         params, tags, model_type, step, model_id: Passed to ``mlflow.models.Model.log``.
@@ -426,6 +494,10 @@ def log_model(
             extra_pip_requirements=extra_pip_requirements,
             metadata=metadata,
             check_parity=check_parity,
+            compile=compile,
+            compile_rtol=compile_rtol,
+            quantize=quantize,
+            max_drift=max_drift,
             params=params,
             tags=tags,
             model_type=model_type,
@@ -441,7 +513,7 @@ def log_model(
     return info
 
 
-def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu") -> FullModel:
+def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu", compiled: bool = True) -> FullModel:
     """Load a fullmodel MLflow model as a ``FullModel``, after checking every file against the
     model's manifest, the flavor's format version, and the spec's paths and steps.
 
@@ -450,6 +522,9 @@ def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu")
             ``models:/<model_id>`` or a local path.
         dst_path: A local folder to download the model into; a temporary one by default.
         device: Where the forward pass runs: ``"cpu"`` or ``"cuda[:index]"``.
+        compiled: Run a module's AOTInductor package (``save_model(compile="aoti")``) where it was
+            compiled for this machine and ``device`` (else its portable program, with a log line
+            saying why); False: always the portable program.
 
     Raises:
         IntegrityError: A file of the model was changed, removed or added since it was saved, or
@@ -461,15 +536,16 @@ def load_model(model_uri: str, dst_path: str | None = None, device: str = "cpu")
         model = fm.load_model("models:/reviews@champion")
         model.predict(["What a film!"], params={"k": 2})
     """
-    return _load_checked(download_artifacts(model_uri, output_path=dst_path), device)
+    return _load_checked(download_artifacts(model_uri, output_path=dst_path), device, compiled)
 
 
-def _load_checked(model_path: str, device: str) -> FullModel:
+def _load_checked(model_path: str, device: str, compiled: bool = True) -> FullModel:
     """The FullModel of the local MLflow model at ``model_path``: every file checked against the
     manifest first, then the flavor block (read only once it is known intact), then the spec."""
     manifest = verify_manifest(model_path)
     flavor = flavor_configuration(model_path)
-    return load_fullmodel(os.path.join(model_path, flavor["data"]), device, root=model_path, manifest=manifest)
+    return load_fullmodel(os.path.join(model_path, flavor["data"]), device, root=model_path, manifest=manifest,
+                          compiled=compiled)
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> ServedModel:

@@ -112,7 +112,7 @@ def fresh_env(requirements_file: str, timeout: float = 1800, allow_builds: bool 
     return python
 
 
-def check_parity_in_fresh_env(folder: str, runtime_dir: str, root: str, allow_builds: bool = False) -> None:
+def check_parity_in_fresh_env(folder: str, runtime_dir: str, root: str, allow_builds: bool = False) -> str | None:
     """The parity check of the MLflow model at ``root`` in an environment built from its
     ``requirements.txt`` (wheels only unless ``allow_builds``).
 
@@ -121,7 +121,7 @@ def check_parity_in_fresh_env(folder: str, runtime_dir: str, root: str, allow_bu
     """
     python = fresh_env(os.path.join(root, "requirements.txt"), allow_builds=allow_builds)
     try:
-        check_parity(folder, runtime_dir=runtime_dir, root=root, python=python)
+        return check_parity(folder, runtime_dir=runtime_dir, root=root, python=python)
     except ParityError as error:
         raise ParityError(f"In a fresh environment from the model's requirements ({error.stage}): {error}",
                           stage=error.stage) from None

@@ -2,8 +2,9 @@
 
 TorchScript (``torch.jit.script`` / ``torch.jit.trace``, deprecated in current PyTorch) and an
 ``ExportedProgram`` from ``torch.export`` (its successor) are supported as equals. A plain
-``nn.Module`` runs as it is in memory and is exported when the model is saved (``export.py``). A
-``ModuleSet`` holds
+``nn.Module`` runs as it is in memory and is exported when the model is saved (``export.py``). An
+exported program may come with its AOTInductor package (``compiled.py``), which runs in its place on
+the machine it was compiled for. A ``ModuleSet`` holds
 one or several named modules; a forward strategy reaches them by name (``modules["encode"]``) or,
 for TorchScript, by method (``modules.main.encode``).
 """
@@ -22,6 +23,7 @@ from typing import IO, Any
 
 import torch
 
+from mlflow_fullmodel.compiled import AOTI, CompiledProgram, native_files
 from mlflow_fullmodel.exceptions import ConfigError, DeviceError
 
 __all__ = [
@@ -70,7 +72,7 @@ def script(module: torch.nn.Module) -> torch.jit.ScriptModule:
 def module_format(module: Any) -> str:
     if isinstance(module, torch.jit.ScriptModule):
         return TORCHSCRIPT
-    if isinstance(module, torch.export.ExportedProgram):
+    if isinstance(module, (torch.export.ExportedProgram, CompiledProgram)):
         return TORCH_EXPORT
     if isinstance(module, torch.nn.Module):
         return EAGER
@@ -82,6 +84,7 @@ def module_format(module: Any) -> str:
 
 def argument_names(module: Any) -> list[str]:
     """The names of the forward arguments, used to pass ``lengths`` only to modules that take it."""
+    module = _portable(module)
     if isinstance(module, torch.export.ExportedProgram):
         return [spec.arg.name for spec in module.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
     if module_format(module) == EAGER:
@@ -104,6 +107,7 @@ def named_tensors(module: Any) -> dict[str, tuple[str, torch.Tensor]]:
     """The parameters and buffers of a TorchScript module or an exported program by name, each as
     ``(kind, tensor)`` with kind ``"parameter"``, ``"buffer"`` or ``"constant"`` (a tensor an
     exported program lifted out of its graph)."""
+    module = _portable(module)
     if isinstance(module, torch.export.ExportedProgram):
         signature = module.graph_signature
         kinds = {**{n: "constant" for n in signature.lifted_tensor_constants},
@@ -114,6 +118,10 @@ def named_tensors(module: Any) -> dict[str, tuple[str, torch.Tensor]]:
                 if isinstance(stored.get(name), torch.Tensor)}
     return {**{name: ("buffer", t) for name, t in module.named_buffers()},
             **{name: ("parameter", t) for name, t in module.named_parameters()}}
+
+
+def _portable(module: Any) -> Any:
+    return module.program if isinstance(module, CompiledProgram) else module
 
 
 class ModuleSet(Mapping[str, Any]):
@@ -176,8 +184,14 @@ class ModuleSet(Mapping[str, Any]):
             self._arguments[name] = argument_names(self[name])
         return self._arguments[name]
 
+    @property
+    def compiled(self) -> dict[str, CompiledProgram]:
+        """The modules that have an AOTInductor package, by name."""
+        return {name: m for name, m in self._modules.items() if isinstance(m, CompiledProgram)}
+
     def runnable(self, name: str, device: torch.device) -> Callable[..., Any]:
-        """The module as a callable with its weights on ``device``, built once per device. A module
+        """The module as a callable with its weights on ``device``, built once per device: a compiled
+        module's package on the device it was compiled for, its portable program elsewhere. A module
         whose weights are elsewhere is copied there: the module as given never moves, so models
         sharing it (``FullModel.to``) each keep their device."""
         key = (name, str(device))
@@ -185,6 +199,11 @@ class ModuleSet(Mapping[str, Any]):
             with self._lock:
                 if key not in self._runnable:
                     module = self[name]
+                    if isinstance(module, CompiledProgram):
+                        if module.runs_on(device):
+                            self._runnable[key] = module.runner()
+                            return self._runnable[key]
+                        module = module.program
                     # Exported programs are already in inference form. A module as given keeps its mode
                     # (``evaluating`` switches it around each call); a device copy is ours to keep in eval.
                     run = module.module() if isinstance(module, torch.export.ExportedProgram) else module
@@ -224,8 +243,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def save_module(module: Any, folder: str, name: str) -> tuple[str, str]:
-    """Write ``module`` into ``folder``; return its file name and format."""
+def save_module(module: Any, folder: str, name: str) -> dict[str, Any]:
+    """Write ``module`` into ``folder``; return its spec entry (file names relative to ``folder``):
+    ``file``, ``format``, ``methods`` and, for a compiled module, ``compiled`` (the package's file,
+    what it was compiled for, the parity tolerance and the sha256 of its native libraries)."""
     kind = module_format(module)
     if kind == EAGER:
         raise ConfigError(
@@ -234,12 +255,19 @@ def save_module(module: Any, folder: str, name: str) -> tuple[str, str]:
         )
     filename = name + _SUFFIXES[kind]
     path = os.path.join(folder, filename)
+    entry: dict[str, Any] = {"file": filename, "format": kind, "methods": method_names(module)}
     if kind == TORCHSCRIPT:
         with quiet_torch_jit():
             torch.jit.save(module, path)
     else:
-        torch.export.save(module, path)
-    return filename, kind
+        torch.export.save(_portable(module), path)
+    if isinstance(module, CompiledProgram):
+        package = f"{name}.{AOTI}{_SUFFIXES[TORCH_EXPORT]}"
+        with open(os.path.join(folder, package), "wb") as f:
+            f.write(module.package)
+        entry["compiled"] = {"file": package, "compiler": AOTI, "target": module.target.to_json(),
+                             "rtol": module.rtol, "native": native_files(module.package)}
+    return entry
 
 
 def load_module(source: str | IO[bytes], kind: str) -> Any:

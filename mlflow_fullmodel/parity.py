@@ -24,9 +24,10 @@ import pandas as pd
 import torch
 
 from mlflow_fullmodel._hashing import hash_tensor
+from mlflow_fullmodel.compiled import Target
 from mlflow_fullmodel.exceptions import FullModelError, ParityError
 from mlflow_fullmodel.pipeline import FullModel, apply_step, records_frame, step_label
-from mlflow_fullmodel.storage import load_fullmodel, read_golden
+from mlflow_fullmodel.storage import Golden, load_fullmodel, read_golden, read_spec
 
 __all__ = ["batch_invariance_problems", "check_parity", "compare_outputs", "golden_problems", "preprocess_digests"]
 
@@ -97,9 +98,10 @@ def _digest(value: Any) -> str:
 
 
 def compare_outputs(
-    expected: pd.DataFrame, actual: pd.DataFrame, names: tuple[str, str] = ("expected", "got")
+    expected: pd.DataFrame, actual: pd.DataFrame, names: tuple[str, str] = ("expected", "got"),
+    rel_tol: float = REL_TOL,
 ) -> list[str]:
-    """Differences between two prediction frames: exact for strings and integers, ``REL_TOL`` /
+    """Differences between two prediction frames: exact for strings and integers, ``rel_tol`` /
     ``ABS_TOL`` for floats. An empty list means they agree; ``names`` says which is which in the
     messages."""
     if list(expected.columns) != list(actual.columns):
@@ -109,25 +111,31 @@ def compare_outputs(
     problems = []
     for column in expected.columns:
         for row, (want, got) in enumerate(zip(expected[column].tolist(), actual[column].tolist())):
-            if not _close(want, got):
+            if not _close(want, got, rel_tol):
                 problems.append(f"row {row}, column '{column}': {names[0]} {want!r}, {names[1]} {got!r}")
     return problems
 
 
-def _close(want: Any, got: Any) -> bool:
+def _close(want: Any, got: Any, rel_tol: float) -> bool:
     if hasattr(want, "tolist"):
         want = want.tolist()
     if hasattr(got, "tolist"):
         got = got.tolist()
     if isinstance(want, float) or isinstance(got, float):
         if isinstance(want, (int, float)) and isinstance(got, (int, float)) and not isinstance(want, bool):
-            return math.isclose(want, got, rel_tol=REL_TOL, abs_tol=ABS_TOL) or (math.isnan(want) and math.isnan(got))
+            return math.isclose(want, got, rel_tol=rel_tol, abs_tol=ABS_TOL) or (math.isnan(want) and math.isnan(got))
         return False
     if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
-        return len(want) == len(got) and all(_close(w, g) for w, g in zip(want, got))
+        return len(want) == len(got) and all(_close(w, g, rel_tol) for w, g in zip(want, got))
     if isinstance(want, dict) and isinstance(got, dict):
-        return want.keys() == got.keys() and all(_close(want[k], got[k]) for k in want)
+        return want.keys() == got.keys() and all(_close(want[k], got[k], rel_tol) for k in want)
     return type(want) is type(got) and want == got
+
+
+def tolerance(model: FullModel) -> float:
+    """The relative tolerance ``model``'s outputs are held to: ``REL_TOL``, or the larger one its
+    compiled modules were saved with (AOTInductor reorders floating-point sums)."""
+    return max([REL_TOL, *(module.rtol for module in model.module.compiled.values())])
 
 
 def batch_invariance_problems(
@@ -151,19 +159,21 @@ def batch_invariance_problems(
         return model._forward_examples(examples, values, batches=batches)
 
     batched = records_frame(model._predict_records(list(inputs), params, forward_examples=reversed_full_batches))
-    return compare_outputs(expected, batched, names=("alone", "in a padded batch"))
+    return compare_outputs(expected, batched, names=("alone", "in a padded batch"), rel_tol=tolerance(model))
 
 
 def golden_problems(model: FullModel, folder: str) -> list[str]:
     """Where ``model`` (as loaded by whichever runtime runs this) does not reproduce the golden
-    example saved in ``folder``, with the saved params and each variant's; empty if nowhere."""
+    example saved in ``folder``, with the saved params and each variant's; empty if nowhere. A
+    compiled model is held to its compiled modules' tolerance (``tolerance``)."""
     golden = read_golden(folder)
     if golden is None:
         return ["the model has no golden example to check"]
-    problems = compare_outputs(golden.outputs, model.predict(golden.inputs, golden.params))
+    rel_tol = tolerance(model)
+    problems = compare_outputs(golden.outputs, model.predict(golden.inputs, golden.params), rel_tol=rel_tol)
     for params, outputs in golden.variants:
         try:
-            differences = compare_outputs(outputs, model.predict(golden.inputs, params))
+            differences = compare_outputs(outputs, model.predict(golden.inputs, params), rel_tol=rel_tol)
         except FullModelError as error:
             differences = [f"{type(error).__name__}: {error}"]
         problems += [f"with params {params}: {difference}" for difference in differences]
@@ -173,7 +183,7 @@ def golden_problems(model: FullModel, folder: str) -> list[str]:
 def _child_report(folder: str, expected_digests: list[list[str]] | None, root: str) -> dict[str, Any]:
     import mlflow_fullmodel
 
-    model = load_fullmodel(folder, root=root)
+    model = load_fullmodel(folder, root=root, compiled=False)
     golden = read_golden(folder)
     if golden is None:
         return {"error": "the model has no golden example to check"}
@@ -189,7 +199,23 @@ def _child_report(folder: str, expected_digests: list[list[str]] | None, root: s
                     label = step_label("preprocess", index)
                     report["problems"].insert(0, f"row {row}: the output of {label} {step} differs")
                     break
+    if any("compiled" in entry for entry in read_spec(folder)["modules"].values()):
+        report["compiled"] = _compiled_report(folder, root, golden)
     return report
+
+
+def _compiled_report(folder: str, root: str, golden: Golden) -> dict[str, Any]:
+    """The compiled modules' part of the check: the model loaded as it will be served (its
+    AOTInductor packages where they run here), against the golden outputs within its tolerance."""
+    model = load_fullmodel(folder, root=root)
+    if not model.module.compiled:
+        spec = read_spec(folder)
+        reasons = [Target.from_json(entry["compiled"]["target"]).mismatch(Target.here("cpu")) or "it did not load"
+                   for entry in spec["modules"].values() if "compiled" in entry]
+        return {"ran": False, "reason": "; ".join(reasons)}
+    return {"ran": True, "modules": sorted(model.module.compiled), "rtol": tolerance(model),
+            "problems": golden_problems(model, folder),
+            "batch_problems": batch_invariance_problems(model, golden.inputs, golden.params)}
 
 
 def check_parity(
@@ -199,8 +225,11 @@ def check_parity(
     timeout: float = 600,
     root: str | None = None,
     python: str | None = None,
-) -> None:
-    """Load the model in ``folder`` in a fresh process and compare its golden outputs.
+) -> str | None:
+    """Load the model in ``folder`` in a fresh process and compare its golden outputs: the portable
+    modules exactly, then, for a model with AOTInductor packages, the model as it is served (the
+    packages that run on this machine) within their tolerance. Returns what was found of the
+    compiled modules (checked, or why they cannot run here), None for a model without.
 
     Args:
         folder: A saved FullModel folder with a ``golden.json``.
@@ -267,4 +296,20 @@ def check_parity(
             "model must see one row at a time, set batch_size=1 explicitly on the FullModel.",
             stage="batch",
         )
+    compiled = report.get("compiled")
+    if compiled and compiled["ran"] and (compiled["problems"] or compiled["batch_problems"]):
+        shown = "\n  ".join((compiled["problems"] + compiled["batch_problems"])[:10])
+        raise ParityError(
+            f"The AOTInductor package of module(s) {compiled['modules']} answers further from the golden outputs than "
+            f"its relative tolerance {compiled['rtol']:g} (the portable program reproduces them):\n  {shown}\n"
+            "Raise compile_rtol if the difference is acceptable, or save without compile.",
+            stage="compiled",
+        )
     _logger.info("Parity check passed for %s (runtime %s).", folder, report["runtime"])
+    if not compiled:
+        return None
+    if not compiled["ran"]:
+        _logger.warning("The parity check ran the portable program only; the AOTInductor package cannot run here: %s.",
+                        compiled["reason"])
+        return f"compiled forward not run here ({compiled['reason']})"
+    return f"compiled forward within rtol {compiled['rtol']:g}"

@@ -121,8 +121,9 @@ def verify_model(
 
 def stage_of(check: str) -> str:
     """The stage an entry of ``Verification.checks`` (or of ``FullModelError.checks_passed``) names:
-    "digest recorded in model version reviews/3" is the "digest" stage, the others are their names."""
-    return "digest" if check.startswith("digest recorded in ") else check
+    "digest recorded in model version reviews/3" is the "digest" stage, "parity (compiled forward
+    within rtol 0.0001)" the "parity" stage: each is its first word."""
+    return check.split(" ", 1)[0]
 
 
 def gate_stages(*, public_key: bool, fresh_env: bool) -> list[str]:
@@ -162,11 +163,12 @@ def _run_checks(report: Verification, actual: Manifest, public_key: str | None, 
         if read_golden(folder) is None:
             raise ModelFormatError(f"{model_uri} has no golden example to check (it was saved with "
                                    "check_parity=False).")
-        check_parity_of(path)
-        report.checks.append("parity")
+        compiled = check_parity_of(path)
+        report.checks.append("parity" + (f" ({compiled})" if compiled else ""))
     if fresh_env:
-        check_parity_in_fresh_env(folder, os.path.join(path, flavor["code"]), path, allow_builds=allow_builds)
-        report.checks.append("fresh-env")
+        compiled = check_parity_in_fresh_env(folder, os.path.join(path, flavor["code"]), path,
+                                             allow_builds=allow_builds)
+        report.checks.append("fresh-env" + (f" ({compiled})" if compiled else ""))
 
 
 def _check_record(model_uri: str, record: Record, actual: Manifest) -> None:

@@ -35,9 +35,11 @@ import torch
 
 from mlflow_fullmodel import __version__
 from mlflow_fullmodel.collate import Collate
+from mlflow_fullmodel.compiled import DEFAULT_RTOL, CompiledProgram, Target
 from mlflow_fullmodel.exceptions import ConfigError, FullModelError, IntegrityError, ModelFormatError
 from mlflow_fullmodel.forward import ForwardStrategy
-from mlflow_fullmodel.modules import load_module, method_names, save_module
+from mlflow_fullmodel.modules import load_module, resolve_device, save_module
+from mlflow_fullmodel.optimize import quiet_import
 from mlflow_fullmodel.pipeline import FullModel, step_label
 from mlflow_fullmodel.storage.capture import CodeCapture
 from mlflow_fullmodel.storage.imports import import_steps
@@ -281,9 +283,13 @@ def _plan(model: FullModel) -> _Plan:
 
 
 def save_fullmodel(
-    model: FullModel, folder: str, golden: Golden | None = None, *, manifest: bool = True
+    model: FullModel, folder: str, golden: Golden | None = None, *, manifest: bool = True,
+    quantization: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` into the empty or missing ``folder`` and return its spec.
+
+    ``quantization`` says how the modules were quantized (``optimize.quantize_modules``), with the
+    drift measured; the library it names becomes a requirement of the model.
 
     Everything that can be checked (configuration as JSON, code capture) is checked before anything
     is written; if writing fails, the folder is removed again. With ``manifest=False`` the caller
@@ -292,15 +298,19 @@ def save_fullmodel(
     if not isinstance(model, FullModel):
         raise TypeError(f"Expected a FullModel, got {type(model).__name__}.")
     plan = _plan(model)
+    if quantization is not None:
+        plan.spec["quantization"] = dict(quantization)
+        plan.spec["requirements"] = sorted({*plan.spec["requirements"], quantization["requirement"]})
     if os.path.exists(folder) and os.listdir(folder):
         raise ConfigError(f"Path '{folder}' already exists and is not empty.")
     try:
         os.makedirs(os.path.join(folder, MODULES_DIR), exist_ok=True)
         for name, module in model.module.items():
-            filename, kind = save_module(module, os.path.join(folder, MODULES_DIR), name)
-            plan.spec["modules"][name] = {
-                "file": f"{MODULES_DIR}/{filename}", "format": kind, "methods": method_names(module),
-            }
+            entry = save_module(module, os.path.join(folder, MODULES_DIR), name)
+            entry["file"] = f"{MODULES_DIR}/{entry['file']}"
+            if "compiled" in entry:
+                entry["compiled"]["file"] = f"{MODULES_DIR}/{entry['compiled']['file']}"
+            plan.spec["modules"][name] = entry
         _copy_artifacts(plan, folder)
         for relative, source in plan.code.items():
             target = os.path.join(folder, CODE_DIR, relative)
@@ -369,7 +379,8 @@ def read_golden(folder: str) -> Golden | None:
 
 
 def load_fullmodel(
-    folder: str, device: str | torch.device = "cpu", root: str | None = None, manifest: Manifest | None = None
+    folder: str, device: str | torch.device = "cpu", root: str | None = None, manifest: Manifest | None = None,
+    compiled: bool = True,
 ) -> FullModel:
     """Load the FullModel saved in ``folder``, treating the folder as untrusted input.
 
@@ -385,6 +396,8 @@ def load_fullmodel(
             model; ``folder`` itself by default.
         manifest: The manifest of ``root`` as ``verify_manifest`` just returned it, when the caller
             checked the files itself (to read the MLmodel file first); checked here otherwise.
+        compiled: Run a module's AOTInductor package where it was compiled for this machine and
+            ``device``; False: always the portable program.
 
     Raises:
         IntegrityError: A file is changed, missing or extra, or the spec names something outside the
@@ -397,14 +410,15 @@ def load_fullmodel(
     files = VerifiedFiles(root, prefix, (manifest or verify_manifest(root)).files)
     spec = _parse_spec(files.read(SPEC_FILE, "the spec").decode("utf-8"), os.path.join(folder, SPEC_FILE))
 
+    if isinstance(spec.get("quantization"), Mapping):  # its weights are torchao's tensors
+        quiet_import("torchao", "This model, quantized with torchao,")
     specs = step_specs(spec)
     classes = import_steps({label: s["target"] for label, s in specs.items()}, os.path.join(folder, CODE_DIR))
     steps = {label: classes[label](**_decode_config(s["config"], files, label)) for label, s in specs.items()}
 
-    modules = {
-        name: load_module(io.BytesIO(files.read(entry["file"], f"module '{name}'")), entry["format"])
-        for name, entry in spec["modules"].items()
-    }
+    device = resolve_device(device)
+    modules = {name: _load_module(name, entry, files, device if compiled else None)
+               for name, entry in spec["modules"].items()}
     return FullModel(
         [_step_of(steps, step_label("preprocess", i), Transform) for i in range(len(spec["preprocess"]))],
         modules,
@@ -415,6 +429,31 @@ def load_fullmodel(
         batch_size=spec["batch_size"],
         device=device,
     )
+
+
+def _load_module(name: str, entry: Mapping[str, Any], files: VerifiedFiles, device: torch.device | None) -> Any:
+    """The module of spec ``entry``; with its AOTInductor package when it has one that runs on
+    ``device`` here (None: the portable program in any case)."""
+    module = load_module(io.BytesIO(files.read(entry["file"], f"module '{name}'")), entry["format"])
+    package = entry.get("compiled")
+    if not isinstance(package, Mapping) or device is None:
+        return module
+    target = Target.from_json(package.get("target") or {})
+    reason = target.mismatch(Target.here(device.type))
+    if reason is None:
+        rtol = package.get("rtol")
+        compiled = CompiledProgram(module, files.read(package.get("file"), f"the AOTInductor package of module "
+                                                      f"'{name}'"), target,
+                                   float(rtol) if isinstance(rtol, (int, float)) else DEFAULT_RTOL)
+        try:
+            compiled.runner()  # loaded now, so that a package that cannot load falls back here, not in serving
+        except Exception as error:
+            reason = f"its package did not load: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        else:
+            return compiled
+    _logger.warning("Module '%s' runs its portable torch.export program, not its AOTInductor package: %s.",
+                    name, reason)
+    return module
 
 
 def make_golden(model: FullModel, inputs: list[Any], params: Mapping[str, Any] | None) -> Golden:
