@@ -67,6 +67,33 @@ def _example_record(facts: dict[str, Any]) -> dict[str, Any]:
     return {k: ("<base64 of the file>" if isinstance(v, dict) and "$bytes" in v else v) for k, v in row.items()}
 
 
+def _forward_pass(facts: dict[str, Any]) -> list[str]:
+    """What runs the forward pass: a compiled package where it can, and how the weights were quantized."""
+    lines: list[str] = []
+    compiled = [m for m in facts["modules"] if "compiled" in m]
+    if compiled:
+        target = compiled[0]["compiled"]["target_text"]
+        lines += ["", "### Compiled forward pass (AOTInductor)", "",
+                  f"Each module below also has a native package, compiled for {target}. A machine that matches runs "
+                  "it; any other runs the portable torch.export program (with a log line saying why). The parity "
+                  "check holds the package to the golden outputs within the relative tolerance shown, and the "
+                  "portable program to them exactly.", ""]
+        lines += _table(["module", "package", "size (bytes)", "sha256", "rtol"], [
+            [m["name"], m["compiled"]["file"], m["compiled"]["size"], m["compiled"]["sha256"], m["compiled"]["rtol"]]
+            for m in compiled
+        ])
+    quantization = facts.get("quantization")
+    if quantization:
+        drift = quantization["drift"]
+        layers = ", ".join(f"{name}: {count}" for name, count in quantization["layers"].items())
+        lines += ["", "### Quantized weights", "",
+                  f"{quantization['scheme']}: {quantization['method']}, with {quantization['library']} (layers "
+                  f"quantized: {layers}). Drift from the float model on the golden example ({drift['rows']} rows): "
+                  f"labels agree on {drift['agreement']:.0%}, the largest difference of an output number is "
+                  f"{drift['largest_difference']:.3g}."]
+    return lines
+
+
 def render_card(facts: dict[str, Any]) -> str:
     """The model card: what the model is, its data path, artifacts, params, signature, golden
     example, and how to call it."""
@@ -81,6 +108,7 @@ def render_card(facts: dict[str, Any]) -> str:
     lines += _table(["name", "format", "methods", "file", "size (bytes)", "sha256"], [
         [m["name"], m["format"], ", ".join(m["methods"]), m["file"], m["size"], m["sha256"]] for m in facts["modules"]
     ])
+    lines += _forward_pass(facts)
     if facts["artifacts"]:
         lines += ["", "## Artifacts", ""]
         lines += _table(["step", "argument", "file", "size (bytes)", "sha256"], [

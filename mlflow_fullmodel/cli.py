@@ -192,6 +192,19 @@ def inspect_command(model_uri: str, as_json: bool) -> None:
     for module in facts["modules"]:
         click.echo(f"         module: {module['name']} ({module['format']}, {module['file']}, {module['size']} bytes, "
                    f"methods {', '.join(module['methods'])}, sha256 {module['sha256'][:16]})")
+        compiled = module.get("compiled")
+        if compiled:
+            runs = "the package runs here" if compiled["runs_here"] else \
+                f"the portable program runs here: {compiled['why_not']}"
+            click.echo(f"       compiled: {module['name']}: AOTInductor package {compiled['file']} "
+                       f"({compiled['size']} bytes, sha256 {compiled['sha256'][:16]}) for {compiled['target_text']}, "
+                       f"rtol {compiled['rtol']:g}; {runs}")
+    quantization = facts.get("quantization")
+    if quantization:
+        drift = quantization["drift"]
+        click.echo(f"      quantized: {quantization['scheme']} ({quantization['library']}); drift on the golden "
+                   f"example: labels agree {drift['agreement']:.0%}, largest difference "
+                   f"{drift['largest_difference']:.3g}")
     for artifact in facts["artifacts"]:
         # A folder's sha256 is a digest of its files' paths and hashes.
         kind = "sha256" if artifact.get("files") is None else f"a folder of {len(artifact['files'])} files, digest"

@@ -13,6 +13,7 @@ from typing import Any
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME
 
+from mlflow_fullmodel.compiled import Target
 from mlflow_fullmodel.storage import read_golden, read_spec, step_specs
 from mlflow_fullmodel.storage.folder import ARTIFACT_MARKER, CODE_DIR, PARAM_MARKER, TUPLE_MARKER, encode_value
 from mlflow_fullmodel.storage.integrity import MANIFEST_FILE, folder_digest, folder_hashes, read_manifest, sha256_file
@@ -28,7 +29,10 @@ def describe_model(model_path: str, data: str = "fullmodel") -> dict[str, Any]:
     Returns a dict with ``inputs``, ``outputs``, ``steps`` (label, target, config), ``artifacts``
     (step, argument, path, size, sha256; a folder's sha256 is its ``folder_digest``, and it has
     ``files``: the sha256 of each file by relative path), ``modules`` (name, file, format, size,
-    sha256, methods), ``params`` (name, type, default, bounds, choices, step), ``signature``, ``requirements``,
+    sha256, methods; ``compiled`` for a module with an AOTInductor package: its file, size, sha256,
+    target, tolerance, native libraries, and whether it ``runs_here`` on this machine's CPU, else
+    ``why_not``), ``quantization`` (how the modules were quantized, and their drift; None if they
+    were not), ``params`` (name, type, default, bounds, choices, step), ``signature``, ``requirements``,
     ``golden`` (inputs, params, outputs, variants), ``code`` (captured sources by path) and
     ``digest`` (None before the manifest is written).
     """
@@ -48,9 +52,11 @@ def describe_model(model_path: str, data: str = "fullmodel") -> dict[str, Any]:
         "artifacts": [_artifact(folder, step, argument, path) for step, argument, path in _artifacts(steps)],
         "modules": [
             {"name": name, "file": entry["file"], "format": entry["format"], "methods": entry.get("methods", []),
-             **_file_facts(os.path.join(folder, entry["file"]))}
+             **_file_facts(os.path.join(folder, entry["file"])),
+             **({"compiled": _compiled(folder, entry["compiled"])} if "compiled" in entry else {})}
             for name, entry in spec["modules"].items()
         ],
+        "quantization": spec.get("quantization"),
         "params": [{"name": name, **param} for name, param in spec["params"].items()],
         "signature": signature.to_dict() if signature else None,
         "requirements": _requirements(model_path),
@@ -63,6 +69,14 @@ def describe_model(model_path: str, data: str = "fullmodel") -> dict[str, Any]:
         "code": _sources(os.path.join(folder, CODE_DIR)),
         "digest": read_manifest(model_path).digest if os.path.exists(os.path.join(model_path, MANIFEST_FILE)) else None,
     }
+
+
+def _compiled(folder: str, entry: dict[str, Any]) -> dict[str, Any]:
+    target = Target.from_json(entry["target"])
+    why_not = target.mismatch(Target.here("cpu"))
+    return {"file": entry["file"], **_file_facts(os.path.join(folder, entry["file"])), "compiler": entry["compiler"],
+            "target": entry["target"], "target_text": str(target), "rtol": entry["rtol"],
+            "native": entry.get("native", {}), "runs_here": why_not is None, "why_not": why_not}
 
 
 def config_text(value: Any) -> str:
