@@ -61,6 +61,9 @@ def check_options(model: FullModel, compile: str | None, quantize: str | None, c
                 f"quantize={quantize!r} quantizes a plain nn.Module before it is exported, and module '{name}' is "
                 "already a torch.export program. Pass the plain nn.Module instead."
             )
+        if quantize and not any(isinstance(m, torch.nn.Linear) for m in model.module[name].modules()):
+            raise ConfigError(f"quantize={quantize!r} quantizes nn.Linear layers, and module '{name}' "
+                              f"({type(model.module[name]).__name__}) has none; save it without quantize.")
     if quantize:
         quiet_import("torchao", "quantize='int8'")
     if compile:
@@ -72,21 +75,18 @@ def quantize_modules(model: FullModel) -> tuple[FullModel, dict[str, Any]]:
     and what was done: the scheme, the library and the number of layers quantized per module.
 
     Raises:
-        ConfigError: torchao is missing, or a module has no ``nn.Linear`` to quantize.
+        ConfigError: torchao is missing.
     """
     torchao = quiet_import("torchao", "quantize='int8'")
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     quantized, layers = {}, {}
     for name, module in model.module.items():
-        count = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
-        if count == 0:
-            raise ConfigError(f"quantize='int8' quantizes nn.Linear layers, and module '{name}' "
-                              f"({type(module).__name__}) has none; save it without quantize.")
         copied = copy.deepcopy(module).eval()
         with quiet_torch("torchao"):
             quantize_(copied, Int8DynamicActivationInt8WeightConfig())
-        quantized[name], layers[name] = copied, count
+        quantized[name] = copied
+        layers[name] = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
     info = {"scheme": "int8", "method": "dynamic int8 activations, int8 weights per output channel (nn.Linear)",
             "library": f"torchao {torchao.__version__}", "requirement": "torchao", "layers": layers}
     return model._replace(module=quantized), info
