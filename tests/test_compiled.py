@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from asgi import call, loaded
 from click.testing import CliRunner
 from sample_steps import LABELS, BagOfIds, Normalize
 from support import EXAMPLE_TEXTS
@@ -170,6 +171,15 @@ def test_inspect_the_card_and_verify_say_which_forward_pass_runs(compiled_path):
     assert "### Compiled forward pass (AOTInductor)" in card and f"compiled for {Target.here('cpu')}" in card
     report = verify_model(str(compiled_path))
     assert f"parity (compiled forward within rtol {RTOL:g})" in report.checks
+
+
+def test_a_server_loads_the_package_golden_checks_it_within_its_tolerance_and_answers_with_it(compiled_path):
+    served = loaded(str(compiled_path), ("reviews", "1", "sha256:test", "torch.export"), 20_000)
+    assert list(served.model.get_raw_model().module.compiled) == ["main"]
+    answer = call(served.app, "/invocations", json.dumps({"dataframe_records": [{"text": t} for t in EXAMPLE_TEXTS]}))
+    assert answer.status == 200, answer.body
+    got = pd.DataFrame(answer.json()["predictions"])[list(golden_outputs(compiled_path).columns)]
+    assert compare_outputs(golden_outputs(compiled_path), got, rel_tol=RTOL) == []
 
 
 def test_compiling_torchscript_is_refused_naming_the_way_out(text_model, tmp_path):
