@@ -45,17 +45,26 @@ DEFAULT_RTOL = 1e-4
 
 @dataclass(frozen=True)
 class Target:
-    """What compiled code needs of the machine that runs it."""
+    """What compiled code needs of the machine that runs it (``compiled_for``), or what a machine
+    offers (``here``)."""
 
     torch_version: str
     machine: str  # the CPU architecture, as platform.machine() names it
-    isa: str  # the vector instruction sets the kernels use, as Inductor names them
+    isa: str  # vector instruction sets, as Inductor names them, separated by spaces
     device: str
 
     @classmethod
+    def compiled_for(cls, device: str = "cpu") -> Target:
+        """What AOTInductor compiles for on this machine: the instruction sets it picks."""
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        return cls(_torch_version(), platform.machine(), str(pick_vec_isa()), device)
+
+    @classmethod
     def here(cls, device: str = "cpu") -> Target:
-        """This machine's target for ``device``."""
-        return cls(torch.__version__.split("+")[0], platform.machine(), _vector_isa(), device)
+        """What this machine offers ``device``'s compiled code: every vector instruction set its CPU
+        has (read from the CPU, without compiling anything, unlike Inductor's own pick)."""
+        return cls(_torch_version(), platform.machine(), " ".join(sorted(_cpu_instruction_sets())), device)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Target:
@@ -65,21 +74,33 @@ class Target:
         return asdict(self)
 
     def mismatch(self, runtime: Target) -> str | None:
-        """Why code compiled for this target cannot run on ``runtime``; None when it can."""
-        names = {"torch_version": "torch", "machine": "CPU architecture", "isa": "CPU instruction sets",
-                 "device": "device"}
+        """Why code compiled for this target cannot run on ``runtime``; None when it can: the same
+        torch, architecture and device, and a CPU with every instruction set the code uses."""
         differences = [f"{label} {getattr(self, name)!r} (here: {getattr(runtime, name)!r})"
-                       for name, label in names.items() if getattr(self, name) != getattr(runtime, name)]
+                       for name, label in (("torch_version", "torch"), ("machine", "CPU architecture"),
+                                           ("device", "device"))
+                       if getattr(self, name) != getattr(runtime, name)]
+        missing = sorted(set(self.isa.split()) - set(runtime.isa.split()))
+        if missing:
+            differences.append(f"CPU instruction sets {self.isa!r} (here: {runtime.isa!r}, without "
+                               f"{' '.join(missing)})")
         return "compiled for " + ", ".join(differences) if differences else None
 
     def __str__(self) -> str:
-        return f"torch {self.torch_version}, {self.machine} ({self.isa}), {self.device}"
+        return f"torch {self.torch_version}, {self.machine} ({self.isa or 'no vector instructions'}), {self.device}"
 
 
-def _vector_isa() -> str:
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
+def _torch_version() -> str:
+    return torch.__version__.split("+")[0]
 
-    return str(pick_vec_isa()) or "none"
+
+def _cpu_instruction_sets() -> set[str]:
+    from torch._inductor import cpu_vec_isa
+
+    if platform.machine() in ("x86_64", "AMD64"):
+        return set(cpu_vec_isa.x86_isa_checker())
+    # Elsewhere Inductor reads its candidates from the CPU's capabilities without building anything.
+    return {flag for isa in cpu_vec_isa.valid_vec_isa_list() for flag in str(isa).split()}
 
 
 def check_compiler() -> str:

@@ -128,7 +128,7 @@ def _difference(want: Any, got: Any) -> tuple[float, bool]:
 def compile_modules(model: FullModel, rtol: float) -> FullModel:
     """``model`` with each torch.export program beside its AOTInductor package (compiled for this
     machine's CPU)."""
-    target = Target.here("cpu")
+    target = Target.compiled_for("cpu")
     compiled = {name: CompiledProgram(program, compile_program(name, program), target, rtol)
                 for name, program in model.module.items()}
     return model._replace(module=compiled)

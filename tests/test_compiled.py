@@ -82,7 +82,8 @@ def test_the_package_is_saved_beside_the_portable_program_with_its_target_and_th
     assert (entry["file"], entry["format"]) == ("modules/main.pt2", "torch.export")
     compiled = entry["compiled"]
     assert compiled["file"] == "modules/main.aoti.pt2" and compiled["compiler"] == "aoti"
-    assert compiled["target"] == Target.here("cpu").to_json() and compiled["rtol"] == RTOL
+    assert compiled["target"] == Target.compiled_for("cpu").to_json() and compiled["rtol"] == RTOL
+    assert Target.compiled_for("cpu").mismatch(Target.here("cpu")) is None
     package = compiled_path / "fullmodel" / "modules" / "main.aoti.pt2"
     with zipfile.ZipFile(package) as archive:
         libraries = {info.filename: hashlib.sha256(archive.read(info)).hexdigest()
@@ -90,7 +91,7 @@ def test_the_package_is_saved_beside_the_portable_program_with_its_target_and_th
     assert libraries and compiled["native"] == libraries
     assert {"fullmodel/modules/main.pt2", "fullmodel/modules/main.aoti.pt2"} <= set(read_manifest(str(compiled_path)).files)
     flavor = yaml.safe_load((compiled_path / "MLmodel").read_text())["flavors"]["fullmodel"]
-    assert flavor["compiled"] == {"main": {"compiler": "aoti", **Target.here("cpu").to_json()}}
+    assert flavor["compiled"] == {"main": {"compiler": "aoti", **Target.compiled_for("cpu").to_json()}}
 
 
 def test_the_package_runs_here_within_its_tolerance_and_the_portable_program_exactly_when_asked(compiled_path):
@@ -111,7 +112,7 @@ def test_the_package_runs_here_within_its_tolerance_and_the_portable_program_exa
 
 
 @pytest.mark.parametrize("field, value, named", [
-    ("isa", "neon", "CPU instruction sets 'neon'"),
+    ("isa", "avx512 neon", "CPU instruction sets 'avx512 neon' (here: "),
     ("torch_version", "2.1.0", "torch '2.1.0'"),
     ("machine", "aarch64", "CPU architecture 'aarch64'"),
 ])
@@ -131,6 +132,15 @@ def test_a_model_compiled_for_another_machine_runs_its_portable_program_and_says
     facts = json.loads(CliRunner().invoke(main, ["inspect", str(copy), "--json"]).stdout)
     compiled = facts["modules"][0]["compiled"]
     assert compiled["runs_here"] is False and named in compiled["why_not"]
+
+
+def test_code_for_fewer_instruction_sets_runs_on_a_cpu_with_more_but_not_the_other_way_round():
+    older, newer = (Target("2.13.0", "x86_64", isa, "cpu") for isa in ("avx2", "amx_tile avx2 avx512"))
+    assert older.mismatch(newer) is None
+    assert newer.mismatch(older) == "compiled for CPU instruction sets 'amx_tile avx2 avx512' (here: 'avx2', " \
+                                    "without amx_tile avx512)"
+    assert older.mismatch(Target("2.14.0", "x86_64", "avx2", "cuda")) == \
+        "compiled for torch '2.13.0' (here: '2.14.0'), device 'cpu' (here: 'cuda')"
 
 
 def test_a_changed_package_is_refused_before_it_is_loaded(compiled_path, tmp_path):
@@ -166,9 +176,9 @@ def test_inspect_the_card_and_verify_say_which_forward_pass_runs(compiled_path):
     result = CliRunner().invoke(main, ["inspect", str(compiled_path)])
     assert result.exit_code == 0, result.output
     assert "compiled: main: AOTInductor package modules/main.aoti.pt2" in result.output
-    assert f"for {Target.here('cpu')}, rtol {RTOL:g}; the package runs here" in result.output
+    assert f"for {Target.compiled_for('cpu')}, rtol {RTOL:g}; the package runs here" in result.output
     card = (compiled_path / "MODEL_CARD.md").read_text()
-    assert "### Compiled forward pass (AOTInductor)" in card and f"compiled for {Target.here('cpu')}" in card
+    assert "### Compiled forward pass (AOTInductor)" in card and f"compiled for {Target.compiled_for('cpu')}" in card
     report = verify_model(str(compiled_path))
     assert f"parity (compiled forward within rtol {RTOL:g})" in report.checks
 
