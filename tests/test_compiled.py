@@ -228,3 +228,45 @@ def test_a_missing_cpp_compiler_is_a_config_error_naming_it(tmp_path):
         result.stdout + result.stderr
     assert "'no-such-c++'" in result.stdout and "apt-get install g++" in result.stdout
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_a_generation_model_compiles_each_of_its_modules_and_decodes_and_streams_as_its_portable_programs(tmp_path):
+    from test_decoding import MarkovDecoder, parse_ids, random_table
+
+    net = MarkovDecoder(random_table()).eval()
+
+    class Encode(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, src: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.net.encode(src, lengths)
+
+    class DecodeStep(Encode):
+        def forward(self, tokens: torch.Tensor, state: torch.Tensor, memory: torch.Tensor,
+                    src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.net.decode_step(tokens, state, memory, src_mask)
+
+    model = fm.FullModel(
+        preprocess=[parse_ids()], postprocess=[best_candidate()], module={"encoder": Encode(), "decoder": DecodeStep()},
+        forward=fm.BeamSearch(encoder="encoder", decoder="decoder", beam_size=fm.Param(3, minimum=1, maximum=8)),
+    )
+    sources = ["4 5 6", "5 4", "6 6 6 4 5"]
+    fm.save_model(model, str(tmp_path / "model"), input_example=sources, compile="aoti")  # parity: both halves
+    compiled = fm.load_model(str(tmp_path / "model"))
+    portable = fm.load_model(str(tmp_path / "model"), compiled=False)
+    assert sorted(compiled.module.compiled) == ["decoder", "encoder"] and portable.module.compiled == {}
+    for params in ({}, {"beam_size": 1}):
+        assert compare_outputs(portable.predict(sources + ["4"], params), compiled.predict(sources + ["4"], params),
+                               rel_tol=1e-4) == []
+    streamed = list(compiled.predict_stream(["4 5 6"]))
+    assert len(streamed) > 1 and streamed[-1]["ids"] == portable.predict(["4 5 6"])["ids"][0]
+
+
+@fm.transform
+def best_candidate(candidates: list) -> dict:
+    """The best hypothesis of a decoding strategy: its ids as text, and its score."""
+    ids, score = candidates[0]
+    return {"ids": " ".join(map(str, ids)), "score": float(score)}
