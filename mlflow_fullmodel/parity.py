@@ -101,9 +101,9 @@ def compare_outputs(
     expected: pd.DataFrame, actual: pd.DataFrame, names: tuple[str, str] = ("expected", "got"),
     rel_tol: float = REL_TOL,
 ) -> list[str]:
-    """Differences between two prediction frames: exact for strings and integers, ``rel_tol`` /
-    ``ABS_TOL`` for floats. An empty list means they agree; ``names`` says which is which in the
-    messages."""
+    """Differences between two prediction frames: exact for strings and integers, ``rel_tol`` for
+    floats (and an absolute tolerance of ``rel_tol / 100``, at least ``ABS_TOL``, for values near
+    zero). An empty list means they agree; ``names`` says which is which in the messages."""
     if list(expected.columns) != list(actual.columns):
         return [f"output columns differ: expected {list(expected.columns)}, got {list(actual.columns)}"]
     if len(expected) != len(actual):
@@ -123,7 +123,8 @@ def _close(want: Any, got: Any, rel_tol: float) -> bool:
         got = got.tolist()
     if isinstance(want, float) or isinstance(got, float):
         if isinstance(want, (int, float)) and isinstance(got, (int, float)) and not isinstance(want, bool):
-            return math.isclose(want, got, rel_tol=rel_tol, abs_tol=ABS_TOL) or (math.isnan(want) and math.isnan(got))
+            return math.isclose(want, got, rel_tol=rel_tol, abs_tol=max(ABS_TOL, rel_tol / 100)) or (
+                math.isnan(want) and math.isnan(got))
         return False
     if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
         return len(want) == len(got) and all(_close(w, g, rel_tol) for w, g in zip(want, got))
@@ -133,13 +134,24 @@ def _close(want: Any, got: Any, rel_tol: float) -> bool:
 
 
 def tolerance(model: FullModel) -> float:
-    """The relative tolerance ``model``'s outputs are held to: ``REL_TOL``, or the larger one its
-    compiled modules were saved with (AOTInductor reorders floating-point sums)."""
+    """The relative tolerance ``model``'s outputs are held to against its golden ones: ``REL_TOL``,
+    or the larger one its compiled modules were saved with (AOTInductor reorders floating-point
+    sums)."""
     return max([REL_TOL, *(module.rtol for module in model.module.compiled.values())])
 
 
+def batch_tolerance(model: FullModel, folder: str) -> float:
+    """The relative tolerance of the batch check of ``model``, saved in ``folder``: ``tolerance``, or
+    an int8 model's quantization tolerance: the other rows of a batch change float rounding
+    before a layer's activations are quantized, and a value that crosses an int8 step moves the
+    outputs by about 1e-3, far more than any rounding of a float model."""
+    quantization = read_spec(folder).get("quantization")
+    rtol = quantization.get("rtol") if isinstance(quantization, Mapping) else None
+    return max(tolerance(model), float(rtol) if isinstance(rtol, (int, float)) else REL_TOL)
+
+
 def batch_invariance_problems(
-    model: FullModel, inputs: Sequence[Any], params: Mapping[str, Any] | None = None
+    model: FullModel, inputs: Sequence[Any], params: Mapping[str, Any] | None = None, rel_tol: float | None = None,
 ) -> list[str]:
     """Where ``model`` answers a row differently alone and inside a batch; empty if nowhere.
 
@@ -147,7 +159,8 @@ def batch_invariance_problems(
     batches as full as ``batch_size`` allows, padded to the longest row of each batch. A module
     that reads its padding (a mean over the padded length, no mask) or its neighbours passes the
     golden check row by row and still answers differently under load; this finds it. A model with
-    ``batch_size=1`` never batches and passes.
+    ``batch_size=1`` never batches and passes. ``rel_tol`` is ``tolerance(model)`` by default; an
+    int8 model's is its quantization's (``batch_tolerance``).
     """
     if model.batch_size == 1:
         return []
@@ -159,7 +172,8 @@ def batch_invariance_problems(
         return model._forward_examples(examples, values, batches=batches)
 
     batched = records_frame(model._predict_records(list(inputs), params, forward_examples=reversed_full_batches))
-    return compare_outputs(expected, batched, names=("alone", "in a padded batch"), rel_tol=tolerance(model))
+    return compare_outputs(expected, batched, names=("alone", "in a padded batch"),
+                           rel_tol=tolerance(model) if rel_tol is None else rel_tol)
 
 
 def golden_problems(model: FullModel, folder: str) -> list[str]:
@@ -189,7 +203,8 @@ def _child_report(folder: str, expected_digests: list[list[str]] | None, root: s
         return {"error": "the model has no golden example to check"}
     report: dict[str, Any] = {"runtime": os.path.dirname(mlflow_fullmodel.__file__)}
     report["problems"] = golden_problems(model, folder)
-    report["batch_problems"] = batch_invariance_problems(model, golden.inputs, golden.params)
+    report["batch_problems"] = batch_invariance_problems(model, golden.inputs, golden.params,
+                                                         batch_tolerance(model, folder))
     if report["problems"] and expected_digests is not None:
         actual = preprocess_digests(model, golden.inputs)
         for row, (want, got) in enumerate(zip(expected_digests, actual)):
@@ -215,7 +230,8 @@ def _compiled_report(folder: str, root: str, golden: Golden) -> dict[str, Any]:
         return {"ran": False, "reason": "; ".join(reasons)}
     return {"ran": True, "modules": sorted(model.module.compiled), "rtol": tolerance(model),
             "problems": golden_problems(model, folder),
-            "batch_problems": batch_invariance_problems(model, golden.inputs, golden.params)}
+            "batch_problems": batch_invariance_problems(model, golden.inputs, golden.params,
+                                                        batch_tolerance(model, folder))}
 
 
 def check_parity(

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from sample_steps import LABELS, BagOfIds, Normalize
+from sample_steps import LABELS, BagOfIds, Normalize, corpus
 from support import EXAMPLE_TEXTS
 
 import mlflow_fullmodel as fm
@@ -39,6 +39,27 @@ class Classifier(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.out(torch.relu(self.bag(ids, lengths)))
+
+
+class Encoder(torch.nn.Module):
+    """A two-layer Transformer encoder, mean-pooled over the real tokens (``masked=False``: over the
+    padding too, which a batched row reads)."""
+
+    def __init__(self, masked: bool = True) -> None:
+        super().__init__()
+        self.masked = masked
+        self.embedding = torch.nn.Embedding(64, 128)
+        layer = torch.nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = torch.nn.Linear(128, len(LABELS))
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        padding = torch.arange(ids.shape[1])[None, :] >= lengths[:, None]
+        hidden = self.encoder(self.embedding(ids), src_key_padding_mask=padding)
+        if not self.masked:
+            return self.out(hidden.mean(1))
+        keep = (~padding).float()[..., None]
+        return self.out((hidden * keep).sum(1) / lengths[:, None].float())
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +101,22 @@ def test_the_saved_int8_model_reproduces_the_quantized_one_exactly_and_records_i
     assert 0 < measured["largest_difference"] < 0.05  # quantized for real, and close to the float model
     requirements = (quantized_path / "requirements.txt").read_text().split()
     assert f"torchao=={torchao.__version__}" in requirements
+
+
+def test_an_int8_transformer_passes_the_batch_check_within_its_quantization_noise_and_one_reading_padding_does_not(
+    float_model, tmp_path
+):
+    # Other rows in a batch change the float rounding before an activation is quantized; a value
+    # that crosses an int8 step moves the answer by about 1e-3: allowed. Reading the padding is not.
+    torch.manual_seed(0)
+    texts = [text for text, _ in corpus(12, seed=3)] + [" ".join(text for text, _ in corpus(6, seed=4))]
+    encoder = float_model._replace(module=Encoder(), batch_size=16)
+    fm.save_model(encoder, str(tmp_path / "masked"), input_example=texts, quantize="int8")
+    assert spec_of(tmp_path / "masked")["quantization"]["rtol"] == 1e-2
+    unmasked = float_model._replace(module=Encoder(masked=False), batch_size=16)
+    with pytest.raises(fm.ParityError, match="batch-sensitive") as caught:
+        fm.save_model(unmasked, str(tmp_path / "unmasked"), input_example=texts, quantize="int8")
+    assert caught.value.stage == "batch"
 
 
 def test_the_users_module_stays_float(float_model, quantized_path):
