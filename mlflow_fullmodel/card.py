@@ -90,7 +90,9 @@ def _forward_pass(facts: dict[str, Any]) -> list[str]:
                   f"{quantization['scheme']}: {quantization['method']}, with {quantization['library']} (layers "
                   f"quantized: {layers}). Drift from the float model on the golden example ({drift['rows']} rows): "
                   f"labels agree on {drift['agreement']:.0%}, the largest difference of an output number is "
-                  f"{drift['largest_difference']:.3g}."]
+                  f"{drift['largest_difference']:.3g}. A row's answer may move slightly with the rows batched "
+                  f"beside it (float rounding crosses an int8 step): the parity check allows "
+                  f"{quantization.get('rtol', 0):g} (relative) there."]
     return lines
 
 
