@@ -576,7 +576,8 @@ def run_subject(name: str, sizes: Sizes, folder: str, only: set[str]) -> Subject
     example = texts(4, seed=9)
     paths = {}
     for variant, options in VARIANTS.items():
-        paths[variant] = os.path.join(folder, variant)
+        # A folder's name is the served model's name in the Open Inference Protocol's paths: no "+".
+        paths[variant] = os.path.join(folder, variant.replace("+", "-"))
         started_ = time.perf_counter()
         try:
             with compile_log() as compiles:
