@@ -148,11 +148,20 @@ def compile_program(name: str, program: torch.export.ExportedProgram) -> bytes:
 
 
 def load_runner(package: bytes) -> Any:
-    """The callable of an AOTInductor package given as bytes (already checked against the manifest)."""
-    from torch._inductor import aoti_load_package
+    """The callable of an AOTInductor package given as bytes (already checked against the manifest).
 
-    with quiet_torch():
-        return aoti_load_package(io.BytesIO(package))
+    Built with torch's package loader directly: ``aoti_load_package`` first compares the package's
+    instruction sets with the CPU's by building and loading ten test programs with the C++ compiler
+    (1.5 s of a server's start, and a compiler on every serving machine) only to log a warning;
+    ``Target`` has made that check already, from the CPU itself."""
+    from torch.export.pt2_archive._package import AOTICompiledModel
+
+    # The loader unpacks the package into a folder of its own: the file is not needed afterwards.
+    with tempfile.NamedTemporaryFile(prefix="fullmodel-aoti-", suffix=".pt2") as file, quiet_torch():
+        file.write(package)
+        file.flush()
+        loader = torch._C._aoti.AOTIModelPackageLoader(file.name, "model", False, 1, -1)
+    return AOTICompiledModel(loader)
 
 
 def native_files(package: bytes) -> dict[str, str]:
