@@ -144,14 +144,14 @@ def serve_command(model_uri: str, host: str, port: int, public_key: str | None, 
 
 
 def _name_of_uri(model_uri: str) -> str:
-    """The OIP name of a model served from a URI outside the registry: its last part."""
+    """The OIP name of a model served from a URI outside the registry: its last part, with each
+    character OIP paths do not take (``medium+int8``) made a ``-``; ``model`` if nothing is left."""
+    import re
+
     from mlflow_fullmodel.oip import valid_name
 
-    name = model_uri.rstrip("/").rpartition("/")[2]
-    if not valid_name(name):
-        raise click.UsageError(f"{model_uri} gives no name for the Open Inference Protocol's paths; give one "
-                               "with --name.")
-    return name
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", model_uri.rstrip("/").rpartition("/")[2]).lstrip("._-")[:128]
+    return name if valid_name(name) else "model"
 
 
 @main.command()

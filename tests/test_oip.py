@@ -368,3 +368,12 @@ def test_the_kserve_manifest_runs_the_serve_command_with_oip_probes_on_its_port(
     dockerfile = (ROOT / "docs" / "kserve" / "Dockerfile").read_text()
     entrypoint = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))[10:])
     assert command[:len(entrypoint)] == entrypoint
+
+
+@pytest.mark.parametrize("uri, name", [("/models/medium+int8/", "medium-int8"), ("runs:/0a1b/model", "model"),
+                                       ("/models/..v2.1", "v2.1"), ("/tmp/+++", "model")])
+def test_a_model_outside_the_registry_is_named_after_its_last_part_made_fit_for_the_protocol_paths(uri, name):
+    from mlflow_fullmodel.cli import _name_of_uri
+    from mlflow_fullmodel.oip import valid_name
+
+    assert _name_of_uri(uri) == name and valid_name(name)

@@ -211,5 +211,6 @@ def test_an_int8_compiled_model_logged_runs_its_package_and_verifies_in_a_fresh_
     loaded = fm.load_model(info.model_uri)
     assert list(loaded.module.compiled) == ["main"]
     report = verify_model(info.model_uri, fresh_env=True)
-    assert "parity (compiled forward within rtol 0.0001)" in report.checks
-    assert "fresh-env (compiled forward within rtol 0.0001)" in report.checks
+    # An int8 program compiled is held to the quantization's tolerance, not the default 1e-4.
+    assert "parity (compiled forward within rtol 0.01)" in report.checks
+    assert "fresh-env (compiled forward within rtol 0.01)" in report.checks
