@@ -140,12 +140,12 @@ def tolerance(model: FullModel) -> float:
     return max([REL_TOL, *(module.rtol for module in model.module.compiled.values())])
 
 
-def batch_tolerance(model: FullModel, folder: str) -> float:
-    """The relative tolerance of the batch check of ``model``, saved in ``folder``: ``tolerance``, or
+def batch_tolerance(model: FullModel, spec: Mapping[str, Any]) -> float:
+    """The relative tolerance of the batch check of ``model``, saved with ``spec``: ``tolerance``, or
     an int8 model's quantization tolerance: the other rows of a batch change float rounding
     before a layer's activations are quantized, and a value that crosses an int8 step moves the
     outputs by about 1e-3, far more than any rounding of a float model."""
-    quantization = read_spec(folder).get("quantization")
+    quantization = spec.get("quantization")
     rtol = quantization.get("rtol") if isinstance(quantization, Mapping) else None
     return max(tolerance(model), float(rtol) if isinstance(rtol, (int, float)) else REL_TOL)
 
@@ -198,13 +198,14 @@ def _child_report(folder: str, expected_digests: list[list[str]] | None, root: s
     import mlflow_fullmodel
 
     model = load_fullmodel(folder, root=root, compiled=False)
+    spec = read_spec(folder)  # checked against the manifest by load_fullmodel
     golden = read_golden(folder)
     if golden is None:
         return {"error": "the model has no golden example to check"}
     report: dict[str, Any] = {"runtime": os.path.dirname(mlflow_fullmodel.__file__)}
     report["problems"] = golden_problems(model, folder)
     report["batch_problems"] = batch_invariance_problems(model, golden.inputs, golden.params,
-                                                         batch_tolerance(model, folder))
+                                                         batch_tolerance(model, spec))
     if report["problems"] and expected_digests is not None:
         actual = preprocess_digests(model, golden.inputs)
         for row, (want, got) in enumerate(zip(expected_digests, actual)):
@@ -214,24 +215,23 @@ def _child_report(folder: str, expected_digests: list[list[str]] | None, root: s
                     label = step_label("preprocess", index)
                     report["problems"].insert(0, f"row {row}: the output of {label} {step} differs")
                     break
-    if any("compiled" in entry for entry in read_spec(folder)["modules"].values()):
-        report["compiled"] = _compiled_report(folder, root, golden)
+    if any("compiled" in entry for entry in spec["modules"].values()):
+        report["compiled"] = _compiled_report(folder, root, golden, spec)
     return report
 
 
-def _compiled_report(folder: str, root: str, golden: Golden) -> dict[str, Any]:
+def _compiled_report(folder: str, root: str, golden: Golden, spec: Mapping[str, Any]) -> dict[str, Any]:
     """The compiled modules' part of the check: the model loaded as it will be served (its
     AOTInductor packages where they run here), against the golden outputs within its tolerance."""
     model = load_fullmodel(folder, root=root)
     if not model.module.compiled:
-        spec = read_spec(folder)
         reasons = [Target.from_json(entry["compiled"]["target"]).mismatch(Target.here("cpu")) or "it did not load"
                    for entry in spec["modules"].values() if "compiled" in entry]
         return {"ran": False, "reason": "; ".join(reasons)}
     return {"ran": True, "modules": sorted(model.module.compiled), "rtol": tolerance(model),
             "problems": golden_problems(model, folder),
             "batch_problems": batch_invariance_problems(model, golden.inputs, golden.params,
-                                                        batch_tolerance(model, folder))}
+                                                        batch_tolerance(model, spec))}
 
 
 def check_parity(
