@@ -180,12 +180,13 @@ def pyfunc_implementation(model: Any) -> Any:
     return model._model_impl
 
 
-class _Parsed(UnrewrittenMessage):
+class _Parsed(BaseException):
     """How ``parse_invocation`` gets the request back out of the scoring server's ``invocations``:
-    an MlflowException, which it raises again as it is."""
+    not an Exception, so that it passes its ``except`` clauses untouched (the one for an
+    MlflowException formats the whole parsed DataFrame into the message)."""
 
     def __init__(self, data: Any, params: dict[str, Any] | None) -> None:
-        super().__init__("parsed", error_code=0)
+        super().__init__("parsed")
         self.data, self.params = data, params
 
 
@@ -213,7 +214,7 @@ def parse_invocation(body: bytes, content_type: str, model: Any) -> tuple[Any, d
     """``(data, params)`` of a ``POST /invocations`` body, parsed exactly as the scoring server parses
     it for ``model`` before calling its predict: its ``invocations`` function runs with a stand-in
     model (``_Parser``). Depends on ``invocations(data, content_type, model, input_schema)`` calling
-    ``model.predict(data, params=params)`` once it has parsed, and re-raising an MlflowException.
+    ``model.predict(data, params=params)`` once it has parsed, and letting a BaseException through.
 
     Raises:
         InvocationRefused: The server would answer before parsing (an unsupported content type).

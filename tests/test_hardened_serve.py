@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from servers import leftover_processes, serve_fullmodel, server_log, stop
 from support import EXAMPLE_TEXTS
 
-from mlflow_fullmodel.hardened import Guard, json_depth, sanitized
+from mlflow_fullmodel.hardened import Guard, JsonProblem, json_depth, parse_json, sanitized
 
 MAX_BODY = 1_000_000
 
@@ -219,6 +219,17 @@ _JSON = st.recursive(st.none() | st.integers() | _TRICKY,
 @given(value=_JSON, chunk_bytes=st.sampled_from([1, 2, 3, 5, 64, 1 << 20]))
 def test_json_depth_is_the_nesting_of_any_json_text_whatever_its_chunks(value, chunk_bytes):
     assert json_depth(json.dumps(value).encode(), chunk_bytes) == _nesting(value)
+
+
+@given(value=_JSON, limit=st.integers(0, 5))
+def test_parse_json_refuses_exactly_the_bodies_nested_over_the_limit(value, limit):
+    body = json.dumps(value).encode()
+    if _nesting(value) > limit:
+        with pytest.raises(JsonProblem, match=f"nested {_nesting(value)} levels deep") as refused:
+            parse_json(body, limit)
+        assert refused.value.reason == "limit"
+    else:
+        assert parse_json(body, limit) == value
 
 
 def test_a_large_body_is_checked_off_the_event_loop_while_small_requests_are_answered():
