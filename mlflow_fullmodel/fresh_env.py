@@ -95,7 +95,9 @@ def fresh_env(requirements_file: str, timeout: float = 1800, allow_builds: bool 
     _logger.info("Building an environment from %s in %s (minutes the first time)", requirements_file, env)
     steps = [[sys.executable, "-m", "venv", env]]
     if named:  # pip refuses to install nothing
-        steps.append([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+        # Compiled below on every core: pip compiles the modules (torch alone has thousands) one
+        # after another, which took longer than the rest of the install.
+        steps.append([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
                       *([] if allow_builds else ["--only-binary", ":all:"]), "--", *named])
     for command in steps:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -107,6 +109,10 @@ def fresh_env(requirements_file: str, timeout: float = 1800, allow_builds: bool 
                 f"failed: {' / '.join(said[-3:])}",
                 stage="install",
             )
+    # Its status is not checked, as pip does not check its own compiling: packages ship modules
+    # for other Python versions (torch has one in the syntax of 3.12), refused only if imported.
+    subprocess.run([python, "-m", "compileall", "-q", "-j", "0", os.path.join(env, "lib")],
+                   capture_output=True, timeout=timeout)
     with open(os.path.join(env, READY_MARKER), "w") as f:
         f.write(requirements_file + "\n")
     return python

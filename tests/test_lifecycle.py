@@ -123,6 +123,8 @@ def test_verify_in_a_fresh_environment_without_mlflow_fullmodel_passes_and_the_e
     probe = subprocess.run([str(python), "-I", "-c", "import importlib.util as u; print(u.find_spec('mlflow_fullmodel'))"],
                            capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "None"  # the model ran on its embedded runtime only
+    # Compiled when built, as pip would (the check itself writes no bytecode).
+    assert list(env.glob("lib/python*/site-packages/torch/__pycache__/__init__.*.pyc"))
     stamp = (env / "bin" / "python").stat().st_mtime_ns
     assert CliRunner().invoke(main, ["verify", f"models:/{NAME}/{versions['good']}", "--fresh-env"]).exit_code == 0
     assert (env / "bin" / "python").stat().st_mtime_ns == stamp and len(list(cache.iterdir())) == 1
