@@ -52,11 +52,11 @@ Measured (benchmarks/RESULTS.md: two runs on an idle 2-core machine), first even
 
 The goal is met by the Transformer encoder scaled like the decoder (256x4: its encoder costs 2.6-3
 ms, under 2 greedy steps) with its saved beam search everywhere, and greedy from the FullModel
-(through pyfunc at the margin); not greedy over HTTP, where MLflow's parse and schema check and the
-request itself (2.4-2.9 ms over the FullModel's) leave the first event 1-2 ms too late. On one
-CPU thread a Marian-base-sized Transformer encoder (512x6, 13-17 ms) costs more than the 2-layer GRU
-(8 ms): it does 19 M multiply-adds per source token against 2.8 M, and its parallelism pays on
-several cores or a GPU.
+(through pyfunc at the margin: met in one run, 0.253 in the other); not greedy over HTTP, where
+MLflow's parse and schema check and the request itself (2.4-2.9 ms over the FullModel's) leave
+the first event 1-2 ms too late. On one CPU thread a Marian-base-sized Transformer encoder (512x6,
+13-17 ms) costs more than the 2-layer GRU (8 ms): it does 19 M multiply-adds per source token
+against 2.8 M, and its parallelism pays on several cores or a GPU.
 
     python -m benchmarks.bench_streaming [--repeats 40]
 """
